@@ -1,0 +1,72 @@
+"""Bytes to an RGB image, or a :class:`DecodeError` that says why not.
+
+The references (transformers' image processors and timm's loader) turn every
+image into RGB with ``Image.convert("RGB")``; we do the same so scores match,
+after applying EXIF orientation. Only the modes where ``convert`` is wrong are
+special-cased: 16/32-bit integer images, which PIL would clip instead of scale.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own bomb limit (2x MAX_IMAGE_PIXELS warns)
+
+# Stable error_type values written to the errors table.
+EMPTY = "empty_object"
+NOT_AN_IMAGE = "not_an_image"
+CORRUPT = "corrupt_image"
+TOO_LARGE = "too_many_pixels"
+READ_ERROR = "read_error"
+NOT_FOUND = "not_found"
+
+
+class DecodeError(Exception):
+    """An image that cannot be scored; ``error_type`` is one of the constants above."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` to an RGB ``PIL.Image`` (first frame, EXIF-oriented)."""
+    if not data:
+        raise DecodeError(EMPTY, "object is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and later raises) past its own limit; we check our own.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DecodeError(
+                    TOO_LARGE, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+                )
+            img.load()  # decode now, so truncation is reported here
+            img = ImageOps.exif_transpose(img)
+    except DecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise DecodeError(NOT_AN_IMAGE, f"not a recognised image format: {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(TOO_LARGE, str(exc)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError(CORRUPT, f"cannot decode image: {exc}") from exc
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB as the references do."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # convert("RGB") clips these to 0..255; scale the 16-bit range instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return img.convert("RGB")

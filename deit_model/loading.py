@@ -1,0 +1,166 @@
+"""Find a checkpoint and load it: hub id, local directory or fsspec URI.
+
+Everything the scorer needs (architecture, labels, preprocessing) is read from
+the checkpoint's own files; nothing about a particular model is written here.
+Backend errors (huggingface_hub, fsspec, transformers) are translated into
+:class:`ModelLoadError` at this one boundary so callers can report one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Files a classification checkpoint needs; weights are taken only as safetensors
+# here (pickled .bin files are refused, see _check_weights).
+_CHECKPOINT_FILES = ["config.json", "preprocessor_config.json", "*.safetensors", "*.json"]
+_HUB_PROBE_TIMEOUT_S = 5.0
+# "name" or "org/name", as the hub spells repository ids; anything else is a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint resolved to a local directory.
+
+    ``name`` is what goes into the output's ``model`` column: the hub id, or the
+    directory's name for local and remote checkpoint directories.
+    """
+
+    name: str
+    local_dir: str
+    source: str
+    revision: str | None = None
+
+
+def cache_root() -> Path:
+    """Where downloaded remote checkpoints are kept (``DEIT_SCORING_CACHE``)."""
+    default = Path.home() / ".cache" / "deit-batch-scoring"
+    return Path(os.environ.get("DEIT_SCORING_CACHE", default))
+
+
+def resolve_checkpoint(
+    model: str, revision: str | None = None, storage_options: dict | None = None
+) -> CheckpointRef:
+    """Resolve ``model`` (hub id, local dir or fsspec URI) to a local directory."""
+    if "://" in model and not model.startswith("file://"):
+        return _fetch_remote_dir(model, storage_options or {})
+    local = model[len("file://"):] if model.startswith("file://") else model
+    if os.path.isdir(local):
+        _check_weights(local)
+        local = os.path.abspath(local)  # workers may run elsewhere than the driver's cwd
+        return CheckpointRef(Path(local).name, local, local, revision)
+    if not _HUB_ID.fullmatch(model):
+        raise ModelLoadError(
+            f"model directory {model!r} does not exist; pass an existing checkpoint "
+            "directory (save_pretrained format) or a hub id such as "
+            "facebook/deit-base-distilled-patch16-224"
+        )
+    return _fetch_hub(model, revision)
+
+
+def _fetch_hub(repo_id: str, revision: str | None) -> CheckpointRef:
+    from huggingface_hub import snapshot_download
+
+    try:  # a cached snapshot works offline and needs no network round trip
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=_CHECKPOINT_FILES, local_files_only=True
+        )
+        _check_weights(path)
+        return CheckpointRef(repo_id, path, repo_id, revision)
+    except ModelLoadError:
+        raise
+    except Exception:  # not cached: fall through to the hub
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise ModelLoadError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+            "set; download it first or pass a local checkpoint directory"
+        )
+    endpoint = hub_endpoint()
+    problem = probe_hub(endpoint)
+    if problem:
+        raise ModelLoadError(
+            f"cannot download model {repo_id!r}: the hub at {endpoint} is unreachable "
+            f"({problem}); set HF_ENDPOINT to a reachable mirror or pass a local checkpoint "
+            "directory with --model"
+        )
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=_CHECKPOINT_FILES)
+    except Exception as exc:  # RepositoryNotFound, RevisionNotFound, HTTP errors
+        raise ModelLoadError(f"cannot download model {repo_id!r} from {endpoint}: {exc}") from exc
+    _check_weights(path)
+    return CheckpointRef(repo_id, path, repo_id, revision)
+
+
+def hub_endpoint() -> str:
+    """The hub base URL, honouring ``HF_ENDPOINT``."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def probe_hub(endpoint: str | None = None) -> str | None:
+    """Return None when the hub answers, else a short reason.
+
+    One quick request, because huggingface_hub's own retries take ~25 s to give
+    up on a machine without network.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = (endpoint or hub_endpoint()) + "/api/models?limit=1"
+    try:
+        with urllib.request.urlopen(url, timeout=_HUB_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: the server is reachable
+    except Exception as exc:  # URLError, timeouts, DNS failures
+        return str(getattr(exc, "reason", exc))
+
+
+def _fetch_remote_dir(uri: str, storage_options: dict) -> CheckpointRef:
+    """Copy a checkpoint directory from object storage into the local cache once."""
+    import fsspec
+
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    target = cache_root() / "checkpoints" / key
+    done = target / ".complete"
+    if not done.exists():
+        try:
+            fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+            files = [f for f in fs.find(path) if not f.endswith("/")]
+            if not files:
+                raise FileNotFoundError(uri)
+            tmp = target.with_name(key + f".tmp{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for remote in files:
+                rel = os.path.relpath(remote, path.rstrip("/"))
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(remote, str(tmp / rel))
+            (tmp / ".complete").write_text(uri)
+            os.replace(tmp, target) if not target.exists() else None
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"model directory {uri!r} does not exist or is empty") from exc
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read model directory {uri!r}: {exc}") from exc
+    _check_weights(str(target))
+    return CheckpointRef(uri.rstrip("/").rsplit("/", 1)[-1], str(target), uri)
+
+
+def _check_weights(local_dir: str) -> None:
+    names = os.listdir(local_dir)
+    if "config.json" not in names:
+        raise ModelLoadError(f"{local_dir!r} has no config.json: not a save_pretrained checkpoint")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ModelLoadError(
+            f"{local_dir!r} has no .safetensors weights; pickled weights are not loaded "
+            "(convert them with save_pretrained(safe_serialization=True))"
+        )

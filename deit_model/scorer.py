@@ -1,0 +1,129 @@
+"""The scorer: preprocessed pixels in, top-k labels, scores and embeddings out.
+
+Preprocessing is the checkpoint's own image processor
+(``AutoImageProcessor.from_pretrained``; in transformers 5 that is the
+torchvision-backed processor), so resize, crop and normalisation are exactly
+the reference's. The activation is softmax, or sigmoid when the checkpoint's
+config says ``problem_type: multi_label_classification``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .loading import CheckpointRef, ModelLoadError, resolve_checkpoint
+from .model import LoadedModel, create_model, embedding_dim
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPUs that support it and fp32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_image_processor(local_dir: str):
+    """The checkpoint's own image processor, from its preprocessor_config.json."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(local_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read preprocessing from {local_dir!r}: {exc}") from exc
+
+
+def preprocess(processor, images: Sequence) -> np.ndarray:
+    """RGB PIL images -> float32 array (N, 3, H, W), as the reference prepares them."""
+    if not images:
+        return np.zeros((0, 3, 0, 0), dtype=np.float32)
+    out = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    return out.numpy().astype(np.float32, copy=False)
+
+
+def input_shape(processor) -> tuple[int, int, int]:
+    """(C, H, W) of what ``processor`` produces, found by running it once."""
+    from PIL import Image
+
+    return tuple(preprocess(processor, [Image.new("RGB", (32, 32))]).shape[1:])
+
+
+@dataclass
+class ScoreResult:
+    """Scores for N images: ids and scores best first, embeddings float32."""
+
+    label_ids: np.ndarray  # (N, k) int32
+    scores: np.ndarray  # (N, k) float32
+    embedding: np.ndarray  # (N, D) float32
+
+
+class Scorer:
+    """Holds one model on one device and scores batches of preprocessed pixels."""
+
+    def __init__(self, ref: CheckpointRef, device: str = "auto", dtype: str = "auto", top_k: int = 5):
+        self.ref = ref
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model: LoadedModel = create_model(ref.local_dir, self.device, self.dtype)
+        config = self.model.config
+        self.num_labels = int(config.num_labels)
+        self.top_k = min(top_k, self.num_labels)
+        self.embedding_dim = embedding_dim(config)
+        self.multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+        id2label = getattr(config, "id2label", None) or {}
+        self.id2label = [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.num_labels)]
+
+    @property
+    def activation(self) -> str:
+        """``sigmoid`` for multi-label checkpoints, else ``softmax``."""
+        return "sigmoid" if self.multi_label else "softmax"
+
+    @torch.inference_mode()
+    def score(self, pixel_values: np.ndarray | torch.Tensor) -> ScoreResult:
+        """Score a batch of preprocessed pixels (N, 3, H, W)."""
+        x = torch.as_tensor(pixel_values).to(self.device, self.dtype, non_blocking=True)
+        out = self.model(x)
+        logits = out.logits.float()  # activations and top-k in fp32 whatever the model dtype
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        scores, ids = torch.topk(probs, self.top_k, dim=-1)  # sorted, best first
+        return ScoreResult(
+            label_ids=ids.to(torch.int32).cpu().numpy(),
+            scores=scores.cpu().numpy(),
+            embedding=out.embedding.float().cpu().numpy(),
+        )
+
+    def labels(self, label_ids: np.ndarray) -> list[list[str]]:
+        """Label names for an (N, k) array of ids."""
+        return [[self.id2label[i] for i in row] for row in label_ids.tolist()]
+
+
+def create_scorer(
+    model: str,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    top_k: int = 5,
+    storage_options: dict | None = None,
+) -> Scorer:
+    """Resolve ``model`` (hub id, directory or fsspec URI) and build a :class:`Scorer`."""
+    ref = resolve_checkpoint(model, revision=revision, storage_options=storage_options)
+    return Scorer(ref, device=device, dtype=dtype, top_k=top_k)

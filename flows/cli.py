@@ -1,0 +1,160 @@
+"""``score-images``: run the flow in-process, or the offline demo.
+
+Exit codes: 0 the run completed (some images may have failed: see the errors
+table); 1 the run failed; 2 a bad argument, model or input (nothing ran).
+Options are generated from :class:`tasks.settings.ScoreSettings`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import typing
+
+from pydantic import ValidationError
+
+from tasks.settings import ScoreSettings, format_validation_error
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Prefect reads its settings at import time, so these are set before it is imported.
+_PREFECT_DEFAULTS = {
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "deit_model,tasks,flows",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; reported as one line, exit 2."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Never break lines inside hub ids such as facebook/deit-base-distilled-patch16-224."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not the usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_settings_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    for name, field in ScoreSettings.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        ann = field.annotation
+        args = typing.get_args(ann)
+        kwargs: dict = {"dest": name, "help": field.description}
+        if typing.get_origin(ann) is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif ann is int:
+            kwargs["type"] = int
+        elif ann is float:
+            kwargs["type"] = float
+        elif typing.get_origin(ann) is dict:
+            kwargs["type"] = _json_object
+            kwargs["metavar"] = "JSON"
+        if field.is_required():
+            kwargs["required"] = True
+        else:
+            default = field.default_factory() if field.default_factory else field.default
+            kwargs["help"] += f" (default: {default})"
+            kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(flag, **kwargs)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``score-images`` argument parser."""
+    parser = _Parser(prog="score-images", description=__doc__.split("\n\n")[0],
+                     formatter_class=_HelpFormatter,
+                     epilog="Exit codes: 0 completed, 1 run failed, 2 bad argument/model/input.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", formatter_class=_HelpFormatter, help="score images under --input and write Parquet to --output",
+                         description="Run the score-images flow in this process (ephemeral Prefect "
+                                     "unless PREFECT_API_URL is set).")
+    _add_settings_options(run)
+    demo = sub.add_parser("demo", help="score generated sample images offline (see README)",
+                          description="Generate sample images and score them with the default model, "
+                                      "or with a random-weight copy of it when the hub is unreachable.")
+    demo.add_argument("--output", default="demo-output", help="where to write (default: demo-output)")
+    demo.add_argument("--num-images", type=int, default=24, help="sample images to generate (default: 24)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``score-images`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    for key, value in _PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(**params)
+        return run_flow(params)
+    except UsageError as exc:
+        print(f"score-images: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def check_settings(params: dict) -> ScoreSettings:
+    """Validate parameters, model and input before anything starts; UsageError if bad."""
+    from deit_model import ModelLoadError, read_config, resolve_checkpoint
+    from tasks.enumerate import list_images
+
+    try:
+        settings = ScoreSettings(**params)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc)) from None
+    try:
+        read_config(resolve_checkpoint(settings.model, settings.revision, settings.storage_options).local_dir)
+        next(iter(list_images(settings.input, settings.storage_options)), None)
+    except (ModelLoadError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    return settings
+
+
+def run_flow(params: dict) -> int:
+    """Check ``params``, run the flow, print the summary; return the exit code."""
+    settings = check_settings(params)
+    from tasks.report import format_summary
+
+    from .score_images import score_images
+
+    state = score_images(**settings.model_dump(), return_state=True)
+    if not state.is_completed():
+        first_line = (state.message or "unknown error").strip().splitlines()[0]
+        print(f"score-images: run failed: {first_line} (details in the log above)", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_summary(state.result()))
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The CPU stage: read image bytes, decode, preprocess; failures become error rows.
+
+Runs as a Ray Data ``map_batches`` task, so it overlaps with the scoring
+actors. One unreadable or undecodable object marks only its own row.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from deit_model import DecodeError, decode_image, input_shape, preprocess
+from deit_model.decode import NOT_FOUND, READ_ERROR
+
+from . import storage
+
+logger = logging.getLogger(__name__)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], *, processor, max_pixels: int, storage_options: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Add ``pixel_values``, ``error_type`` and ``error_message`` to a plan batch."""
+    uris = [str(u) for u in batch["uri"]]
+    n = len(uris)
+    errors: list[tuple[str, str] | None] = [None] * n
+    images: dict[int, Any] = {}
+    for i, data in enumerate(_read(uris, storage_options)):
+        if isinstance(data, OSError):
+            kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
+            errors[i] = (kind, str(data))
+            continue
+        try:
+            images[i] = decode_image(data, max_pixels=max_pixels)
+        except DecodeError as exc:
+            errors[i] = (exc.error_type, str(exc))
+    pixels = np.zeros((n, *input_shape(processor)), dtype=np.float32)
+    _preprocess_into(pixels, images, processor, errors)
+    out = dict(batch)
+    out["pixel_values"] = pixels
+    out["error_type"] = np.array([e[0] if e else None for e in errors], dtype=object)
+    out["error_message"] = np.array([e[1] if e else None for e in errors], dtype=object)
+    return out
+
+
+def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSError]:
+    # All URIs of one run share a scheme, so one filesystem serves the batch.
+    fs, _ = storage.filesystem(uris[0], storage_options)
+    paths = [fs._strip_protocol(u) for u in uris]
+    data = storage.read_many(fs, paths)
+    return [data[p] for p in paths]
+
+
+def _preprocess_into(pixels: np.ndarray, images: dict[int, Any], processor, errors: list) -> None:
+    if not images:
+        return
+    idx = list(images)
+    try:
+        pixels[idx] = preprocess(processor, [images[i] for i in idx])
+        return
+    except Exception:  # noqa: BLE001 - isolate the image that broke the batch
+        logger.debug("batched preprocessing failed; retrying image by image", exc_info=True)
+    for i in idx:
+        try:
+            pixels[i] = preprocess(processor, [images[i]])[0]
+        except Exception as exc:  # noqa: BLE001 - becomes this row's error
+            errors[i] = ("preprocess_error", f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,118 @@
+"""Enumerate image objects under an input location and write the run's plan.
+
+The listing is a generator (``fs.walk`` for prefixes), so memory stays flat in
+the number of objects; the plan is written in chunks to a Parquet file that
+the scoring step reads, so no list of URIs passes through Prefect.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .schema import PLAN_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+_GLOB_CHARS = set("*?[")
+_PLAN_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class ImageObject:
+    """One listed object: its URI and the version facts used to detect change."""
+
+    uri: str
+    size: int | None
+    etag: str | None
+    mtime: datetime | None
+
+
+def is_image_name(path: str) -> bool:
+    """True when ``path`` has an image file extension (case-insensitive)."""
+    dot = path.rfind(".")
+    return dot > path.rfind("/") and path[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[ImageObject]:
+    """Yield the image objects under ``input_uri`` (a file, a prefix or a glob).
+
+    Raises :class:`storage.InputNotFoundError` when the location does not exist.
+    """
+    fs, path = storage.filesystem(input_uri, storage_options)
+    try:
+        if _GLOB_CHARS & set(path):
+            entries = fs.glob(path, detail=True).items()
+        elif fs.isdir(path):
+            entries = _walk(fs, path)
+        elif fs.exists(path):
+            entries = [(path, fs.info(path))]
+        else:
+            raise storage.InputNotFoundError(
+                f"input {input_uri!r} does not exist; check the path or prefix "
+                "(globs such as 's3://bucket/photos/**/*.jpg' are accepted)"
+            )
+        for p, info in entries:
+            if info.get("type") == "directory" or not is_image_name(p):
+                continue
+            etag, mtime = storage.object_version(info)
+            yield ImageObject(storage.to_uri(fs, p), info.get("size"), etag, mtime)
+    except storage.InputNotFoundError:
+        raise
+    except Exception as exc:  # backend errors while listing
+        raise storage.translate_error(exc, input_uri) from exc
+
+
+def _walk(fs, root: str) -> Iterator[tuple[str, dict]]:
+    # walk yields one directory at a time, so a huge prefix is never held whole;
+    # names are sorted so a listing is repeatable.
+    for dirpath, _dirs, files in fs.walk(root, detail=True):
+        for name in sorted(files):
+            yield f"{dirpath.rstrip('/')}/{name}", files[name]
+
+
+def write_plan(objects: Iterator[ImageObject], plan_uri: str, storage_options: dict | None = None) -> int:
+    """Stream ``objects`` into a Parquet plan file; return how many were written."""
+    fs, path = storage.filesystem(plan_uri, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    count = 0
+    with fs.open(path, "wb") as fh, pq.ParquetWriter(fh, PLAN_SCHEMA, compression="zstd") as writer:
+        chunk: list[ImageObject] = []
+        for obj in objects:
+            chunk.append(obj)
+            if len(chunk) >= _PLAN_CHUNK:
+                writer.write_table(_plan_table(chunk))
+                count += len(chunk)
+                chunk = []
+        if chunk or count == 0:
+            writer.write_table(_plan_table(chunk))
+            count += len(chunk)
+    logger.info("planned %d images into %s", count, plan_uri)
+    return count
+
+
+def _plan_table(chunk: list[ImageObject]) -> pa.Table:
+    return pa.Table.from_pydict(
+        {
+            "uri": [o.uri for o in chunk],
+            "source_size": [o.size for o in chunk],
+            "source_etag": [o.etag for o in chunk],
+            "source_mtime": [o.mtime for o in chunk],
+        },
+        schema=PLAN_SCHEMA,
+    )
+
+
+def read_plan(plan_uri: str, storage_options: dict | None = None) -> pa.Table:
+    """Read a plan file written by :func:`write_plan`."""
+    fs, path = storage.filesystem(plan_uri, storage_options)
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh, schema=PLAN_SCHEMA)

@@ -1,0 +1,127 @@
+"""The Ray Data pipeline: plan -> read+decode (CPU tasks) -> score (actors) -> Parquet.
+
+Decode runs as stateless tasks and scoring in an actor pool, so CPU work
+overlaps model work; the driver only streams finished batches into the
+writer, keeping no per-image state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from deit_model import CheckpointRef, load_image_processor
+
+from .decode import decode_batch
+from .ray_cluster import cluster_resources
+from .score import ScoringActor
+from .settings import ScoreSettings
+from .write import DatasetWriter, WriteResult
+
+logger = logging.getLogger(__name__)
+
+DECODE_BLOCK_ROWS = 64  # rows per plan block: the unit of decode parallelism
+DECODE_TASK_MEMORY = 512 * 1024**2  # bytes reserved per decode task
+PROGRESS_EVERY_S = 10.0
+
+
+class ResourceError(ValueError):
+    """The requested actors cannot fit the cluster alongside the decode stage."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How scoring actors are placed: device and resources per actor."""
+
+    device: str
+    num_gpus: float
+    num_cpus: float
+
+
+def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placement:
+    """Choose GPU or CPU actors, refusing layouts that would starve decode (and hang)."""
+    use_gpu = gpus > 0 and settings.device != "cpu" and settings.gpus_per_actor > 0
+    if settings.device == "cuda" and not use_gpu:
+        raise ResourceError("device=cuda but the Ray cluster has no GPUs; use --device auto or cpu")
+    if use_gpu and settings.num_actors * settings.gpus_per_actor > gpus:
+        raise ResourceError(
+            f"{settings.num_actors} actors x {settings.gpus_per_actor} GPU exceed the cluster's "
+            f"{gpus:g} GPUs; lower --num-actors or --gpus-per-actor")
+    needed = settings.num_actors * settings.cpus_per_actor + settings.decode_cpus
+    if needed > cpus:
+        raise ResourceError(
+            f"{settings.num_actors} actors x {settings.cpus_per_actor:g} CPU + {settings.decode_cpus:g} "
+            f"CPU for decoding need {needed:g} CPUs but the cluster has {cpus:g}; lower "
+            "--num-actors, --cpus-per-actor or --decode-cpus")
+    return Placement("cuda" if use_gpu else "cpu", settings.gpus_per_actor if use_gpu else 0.0,
+                     settings.cpus_per_actor)
+
+
+def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, writer: DatasetWriter,
+                 run_id: str) -> WriteResult:
+    """Score every row of ``plan`` and stream the results into ``writer``."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    placement = plan_placement(settings, *cluster_resources())
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # we log our own progress, readable in Prefect too
+    blocks = [plan.slice(i, DECODE_BLOCK_ROWS) for i in range(0, plan.num_rows, DECODE_BLOCK_ROWS)]
+    ds = ray.data.from_arrow(blocks)
+    # The memory reservation keeps Ray from packing too many decode tasks onto a
+    # node (a block of 12 MP photos holds hundreds of MB while decoding). It also
+    # makes the stages' remote args differ, which keeps Ray Data from fusing
+    # decode into the scoring actor: fused, an actor would decode and score in
+    # turn instead of overlapping them.
+    ds = ds.map_batches(
+        decode_batch, batch_format="numpy", batch_size=None, num_cpus=settings.decode_cpus,
+        memory=DECODE_TASK_MEMORY, udf_modifying_row_count=False,
+        fn_kwargs={"processor": load_image_processor(ref.local_dir), "max_pixels": settings.max_pixels,
+                   "storage_options": settings.storage_options})
+    ds = ds.map_batches(
+        ScoringActor, batch_format="numpy", batch_size=settings.batch_size, udf_modifying_row_count=False,
+        compute=ActorPoolStrategy(size=settings.num_actors),
+        num_gpus=placement.num_gpus, num_cpus=placement.num_cpus,
+        fn_constructor_kwargs={
+            # actors load the already-resolved local copy when they share this machine's
+            # disk; on a remote cluster they resolve the original reference themselves
+            "model": ref.source, "revision": settings.revision, "device": placement.device,
+            "dtype": settings.dtype, "top_k": settings.top_k,
+            "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name})
+    progress = _Progress(plan.num_rows)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        writer.write(batch)
+        progress.update(writer.result)
+    return writer.close()
+
+
+class _Progress:
+    """Logs images done, rate and errors every few seconds."""
+
+    def __init__(self, total: int):
+        self.total, self.start, self.last = total, time.monotonic(), 0.0
+
+    def update(self, result: WriteResult) -> None:
+        now = time.monotonic()
+        done = result.scored + result.failed
+        if now - self.last < PROGRESS_EVERY_S and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        logger.info("progress: %d/%d images (%.0f%%), %.1f img/s, %d failed",
+                    done, self.total, 100.0 * done / max(self.total, 1), rate, result.failed)
+
+
+def score_run(settings: ScoreSettings, run, ref: CheckpointRef, plan: pa.Table, embedding_dim: int) -> WriteResult:
+    """Run the pipeline for a planned run inside a Ray session."""
+    from .ray_cluster import ray_session
+
+    writer = DatasetWriter(settings.output, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
+                           embedding_dim=embedding_dim, rows_per_file=settings.rows_per_file,
+                           storage_options=settings.storage_options)
+    if plan.num_rows == 0:
+        return writer.close()
+    with ray_session(settings.resolved_ray_address()):
+        return run_pipeline(settings, plan, ref, writer, run.run_id)

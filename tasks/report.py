@@ -1,0 +1,78 @@
+"""The run's record: a JSON manifest next to the data, and a summary for people."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+from . import storage
+from .plan import RunInfo
+from .settings import ScoreSettings
+
+logger = logging.getLogger(__name__)
+
+# storage_options may carry credentials; never write them out.
+_SECRET_SETTINGS = {"storage_options"}
+
+
+@dataclass
+class RunSummary:
+    """Counts, timings and outcome of one run (small: safe to pass through Prefect)."""
+
+    run_id: str
+    status: str  # completed | failed
+    model: str
+    input: str
+    output: str
+    listed: int = 0
+    scored: int = 0
+    failed: int = 0
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)
+    started_at: str = ""
+    message: str = ""
+
+    @property
+    def throughput(self) -> float:
+        """Images per second over the scoring stage."""
+        return (self.scored + self.failed) / max(self.timings_s.get("score", 0.0), 1e-9)
+
+
+def public_parameters(settings: ScoreSettings) -> dict:
+    """Settings safe to record: everything but storage options."""
+    return settings.model_dump(exclude=_SECRET_SETTINGS)
+
+
+def write_manifest(summary: RunSummary, run: RunInfo, storage_options: dict | None = None) -> str:
+    """Write ``_runs/<run_id>/manifest.json`` and return its URI."""
+    fs, path = storage.filesystem(storage.join(run.run_dir, "manifest.json"), storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as fh:
+        json.dump(asdict(summary), fh, indent=2, default=str)
+    return storage.to_uri(fs, path)
+
+
+def format_summary(summary: RunSummary) -> str:
+    """A few lines for the terminal: outcome, counts, where the data is."""
+    lines = [
+        f"run {summary.run_id}: {summary.status}",
+        f"  model:   {summary.model}",
+        f"  images:  {summary.listed} listed, {summary.scored} scored, {summary.failed} failed",
+    ]
+    if summary.errors_by_type:
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(summary.errors_by_type.items()))
+        lines.append(f"  errors:  {kinds}")
+    if summary.timings_s:
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings_s.items())
+        lines.append(f"  time:    {stages} ({summary.throughput:.1f} img/s while scoring)")
+    root = summary.output.rstrip("/")
+    lines += [
+        f"  output:  {root}/predictions (and {root}/errors), {len(summary.files)} files",
+        f"  query:   duckdb -c \"select uri, labels[1], scores[1] from read_parquet("
+        f"'{root}/predictions/**/*.parquet', hive_partitioning=true) limit 10\"",
+    ]
+    if summary.message:
+        lines.append(f"  note:    {summary.message}")
+    return "\n".join(lines)

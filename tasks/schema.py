@@ -1,0 +1,100 @@
+"""The output's Parquet schema and layout, defined once.
+
+Layout under the output root::
+
+    predictions/model_slug=<slug>/run_date=<YYYY-MM-DD>/part-<run_id>-<NNNNN>.parquet
+    errors/model_slug=<slug>/run_date=<YYYY-MM-DD>/part-<run_id>-<NNNNN>.parquet
+    _runs/<run_id>/plan.parquet, _runs/<run_id>/manifest.json
+
+The partition keys are named ``model_slug`` and ``run_date`` and are not
+columns inside the files: a key that is also a file column makes
+``pyarrow.parquet.read_table(dir)`` fail to merge types. The file columns
+``model`` and ``scored_at`` carry the same facts at full precision.
+"""
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+TS = pa.timestamp("us", tz="UTC")
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("source_size", pa.int64()),
+        pa.field("source_etag", pa.string()),
+        pa.field("source_mtime", TS),
+    ]
+)
+
+_RUN_FIELDS = [
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("model_revision", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+]
+
+
+def predictions_schema(embedding_dim: int) -> pa.Schema:
+    """Schema of the predictions table for a model with ``embedding_dim`` features."""
+    fields = [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label_ids", pa.list_(pa.int32())),  # best first
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("scores", pa.list_(pa.float32())),  # sorted descending
+        pa.field("activation", pa.string()),  # softmax or sigmoid
+        pa.field("embedding", pa.list_(pa.float32(), embedding_dim)),
+        *_RUN_FIELDS,
+        pa.field("scored_at", TS, nullable=False),
+        *list(PLAN_SCHEMA)[1:],
+    ]
+    return pa.schema(fields, metadata={b"deit_scoring.schema_version": SCHEMA_VERSION.encode()})
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("error_message", pa.string()),
+        *_RUN_FIELDS,
+        pa.field("failed_at", TS, nullable=False),
+        *list(PLAN_SCHEMA)[1:],
+    ],
+    metadata={b"deit_scoring.schema_version": SCHEMA_VERSION.encode()},
+)
+
+# What a scoring actor returns: every prediction column plus the error columns,
+# which are null for scored rows (and the prediction columns null for errors).
+ERROR_COLUMNS = ("error_type", "error_message")
+
+
+def scored_schema(embedding_dim: int) -> pa.Schema:
+    """Schema of a scoring actor's output batch."""
+    schema = predictions_schema(embedding_dim)
+    for name in ERROR_COLUMNS:
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
+def split_scored(batch: pa.Table, embedding_dim: int) -> tuple[pa.Table, pa.Table]:
+    """Split an actor's output into (predictions, errors) tables."""
+    import pyarrow.compute as pc
+
+    failed = pc.is_valid(batch["error_type"])
+    preds = batch.filter(pc.invert(failed)).select(predictions_schema(embedding_dim).names)
+    errs = batch.filter(failed).rename_columns({"scored_at": "failed_at"}).select(ERRORS_SCHEMA.names)
+    return preds.cast(predictions_schema(embedding_dim)), errs.cast(ERRORS_SCHEMA)
+
+
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model_slug(model_name: str) -> str:
+    """A partition-safe name: 'facebook/deit-x' -> 'facebook--deit-x' (as the HF cache does)."""
+    return _SLUG_UNSAFE.sub("-", model_name.replace("/", "--")).strip("-") or "model"
+
+
+def partition_dir(root: str, table: str, model_name: str, run_date: str) -> str:
+    """``<root>/<table>/model_slug=<slug>/run_date=<date>``."""
+    return f"{root.rstrip('/')}/{table}/model_slug={model_slug(model_name)}/run_date={run_date}"

@@ -1,0 +1,87 @@
+"""The run's settings: one typed model, the single definition of every parameter.
+
+The Prefect flow's signature, the server-side parameter schema and the CLI's
+options are all generated from :class:`ScoreSettings`, so a field added here
+appears everywhere with the same type, default, bounds and help.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_MODEL = "facebook/deit-base-distilled-patch16-224"
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class ScoreSettings(BaseModel):
+    """Parameters of one scoring run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="images to score: a local path, an fsspec URI prefix (s3://bucket/dir) or a glob")
+    output: str = Field(description="where the Parquet dataset is written: a local path or an fsspec URI")
+    model: str = Field(DEFAULT_MODEL, description="hub id, local checkpoint directory or fsspec URI of one")
+    revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of the model")
+    top_k: int = Field(5, ge=1, le=1000, description="how many labels to keep per image")
+    batch_size: int = Field(32, ge=1, le=4096, description="images per model forward pass")
+    num_actors: int = Field(1, ge=1, le=1024, description="scoring actors, each holding one model copy")
+    gpus_per_actor: float = Field(
+        1.0, ge=0, le=8, description="GPUs each actor asks for when the cluster has GPUs (fractions share a GPU)")
+    cpus_per_actor: float = Field(1.0, gt=0, le=64, description="CPUs each scoring actor reserves")
+    decode_cpus: float = Field(1.0, gt=0, le=64, description="CPUs each decode task reserves")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="model precision: auto is bf16 on GPUs that support it, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where actors run the model")
+    ray_address: Optional[str] = Field(
+        None, description="address of an existing Ray cluster (RAY_ADDRESS also works); unset starts a local one")
+    run_id: Optional[str] = Field(None, description="id for this run; generated from the time when unset")
+    max_pixels: int = Field(178_956_970, ge=1, description="images with more pixels are rejected as too large")
+    rows_per_file: int = Field(50_000, ge=100, description="rows per Parquet file before a new file is started")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for input/output/model (for example endpoint_url); keep secrets in the environment")
+
+    @field_validator("input", "output", "model")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_safe(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _RUN_ID.fullmatch(v):
+            raise ValueError("use letters, digits, '.', '_' and '-' (at most 128)")
+        return v
+
+    def resolved_ray_address(self) -> Optional[str]:
+        """The Ray address to connect to: the setting, else ``RAY_ADDRESS``."""
+        return self.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def settings_signature(model: type[BaseModel] = ScoreSettings) -> inspect.Signature:
+    """A keyword-only signature mirroring ``model``'s fields (types, bounds, defaults)."""
+    params = []
+    for name, field in model.model_fields.items():
+        default = inspect.Parameter.empty
+        if not field.is_required():
+            default = field.default_factory() if field.default_factory else field.default
+        annotation = Annotated[(field.annotation, *field.metadata, Field(description=field.description))]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return inspect.Signature(params)
+
+
+def format_validation_error(exc) -> str:
+    """One line per problem from a pydantic ValidationError: 'field: message (got X)'."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {err['msg']}{shown}")
+    return "; ".join(parts)

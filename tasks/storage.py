@@ -1,0 +1,102 @@
+"""The one boundary between the pipeline and object storage (fsspec).
+
+Every filesystem is made here, and backend-specific failures (botocore client
+errors, aiohttp errors, gcsfs/adlfs exceptions) come out as Python's own
+``FileNotFoundError``, ``PermissionError`` or ``OSError`` so the rest of the
+code handles one family of exceptions, as s3fs does for S3.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+
+
+class InputNotFoundError(FileNotFoundError):
+    """The input location does not exist or holds no objects."""
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
+    """``(fs, path)`` for ``uri``; plain paths are local files."""
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path segments with '/', keeping the scheme of ``base``."""
+    return posixpath.join(base.rstrip("/"), *parts) if parts else base
+
+
+def to_uri(fs, path: str) -> str:
+    """A canonical URI (with scheme) for ``path`` on ``fs``."""
+    return fs.unstrip_protocol(path)
+
+
+def translate_error(exc: BaseException, uri: str) -> OSError:
+    """Map a backend exception to FileNotFoundError / PermissionError / OSError."""
+    if isinstance(exc, OSError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    response = getattr(exc, "response", None)  # botocore ClientError carries the S3 code
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    if code in ("NoSuchKey", "404", "NoSuchBucket") or "Not Found" in text:
+        return FileNotFoundError(2, f"not found: {text}", uri)
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or "Forbidden" in text:
+        return PermissionError(13, f"access denied: {text}", uri)
+    return OSError(f"{uri}: {text}")
+
+
+def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
+    """Read whole objects concurrently where the backend can (s3fs, gcsfs, ...).
+
+    Returns each path's bytes or the translated exception; never raises for a
+    single object so one bad object cannot fail its batch.
+    """
+    if not paths:
+        return {}
+    try:
+        raw = fs.cat(paths, on_error="return")
+    except Exception as exc:  # the whole request failed: fall back to one by one
+        logger.debug("batched read failed (%s); reading one by one", exc)
+        raw = {}
+        for p in paths:
+            try:
+                raw[p] = fs.cat_file(p)
+            except Exception as one:  # noqa: BLE001 - translated below
+                raw[p] = one
+    if not isinstance(raw, dict):  # a single path comes back as bytes
+        raw = {paths[0]: raw}
+    out: dict[str, bytes | OSError] = {}
+    for p in paths:
+        value = raw.get(p, raw.get(fs._strip_protocol(p)))
+        if value is None:
+            value = FileNotFoundError(2, "object disappeared before it could be read", p)
+        out[p] = value if isinstance(value, bytes) else translate_error(value, p)
+    return out
+
+
+def object_version(info: dict[str, Any]) -> tuple[str | None, datetime | None]:
+    """``(etag, mtime)`` from an fsspec ``info`` dict, whichever the backend has."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if isinstance(etag, str):
+        etag = etag.strip('"')
+    mtime = None
+    for key in ("LastModified", "last_modified", "mtime", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, datetime):
+            mtime = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        elif isinstance(value, (int, float)):
+            mtime = datetime.fromtimestamp(float(value), tz=timezone.utc)
+        elif isinstance(value, str):
+            try:
+                mtime = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        break
+    return (str(etag) if etag else None), mtime

@@ -1,0 +1,73 @@
+"""The command line and the flow's parameter schema: help, validation, exit codes."""
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import EXIT_USAGE, main
+from tasks.settings import ScoreSettings
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for name in ScoreSettings.model_fields:
+        assert "--" + name.replace("_", "-") in out
+    assert "default: facebook/deit-base-distilled-patch16-224" in out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "--input", "x", "--output", "y", "--top-k", "0"], "top_k"),
+        (["run", "--input", "x", "--output", "y", "--top-k", "five"], "invalid int value"),
+        (["run", "--output", "y"], "--input"),
+        (["run", "--input", "x", "--output", "y", "--dtype", "int8"], "invalid choice"),
+        (["run", "--input", "x", "--output", "y", "--storage-options", "[1]"], "JSON object"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, expected):
+    try:
+        code, _, err = _run(capsys, *argv)
+    except SystemExit as exit_:  # argparse errors exit from inside parse_args
+        code, err = exit_.code, capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_input_exits_2(capsys, tmp_path, tiny_checkpoint):
+    code, _, err = _run(capsys, "run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
+                        "--model", str(tiny_checkpoint))
+    assert code == EXIT_USAGE and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unreachable_model_exits_2(capsys, tmp_path, monkeypatch, image_dir):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    code, _, err = _run(capsys, "run", "--input", str(image_dir), "--output", str(tmp_path / "o"),
+                        "--model", "facebook/deit-small-distilled-patch16-224")
+    assert code == EXIT_USAGE
+    assert "unreachable" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_flow_parameter_schema_carries_bounds():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.score_images import score_images
+
+    props = parameter_schema(score_images.fn).model_dump()["properties"]
+    assert set(props) == set(ScoreSettings.model_fields)
+    assert props["top_k"]["minimum"] == 1 and props["top_k"]["default"] == 5
+    assert props["model"]["default"] == "facebook/deit-base-distilled-patch16-224"
+    with pytest.raises(Exception, match="top_k"):
+        score_images.validate_parameters({"input": "a", "output": "b", "top_k": 0})
+    ok = score_images.validate_parameters({"input": "a", "output": "b", "top_k": "3"})
+    assert ok["top_k"] == 3

@@ -1,0 +1,101 @@
+"""Decoding: every input becomes RGB as the references expect, or a typed error."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deit_model import DecodeError, decode_image
+from deit_model import decode as d
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb_array(w=40, h=30) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_rgb_png_is_lossless():
+    arr = _rgb_array()
+    out = decode_image(_encode(Image.fromarray(arr), "PNG"))
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), arr)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK"])
+def test_modes_convert_like_pil_convert_rgb(mode):
+    src = Image.fromarray(_rgb_array()).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    data = _encode(src, fmt)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    out = decode_image(data)
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), expected)
+
+
+def test_palette_with_transparency():
+    src = Image.fromarray(_rgb_array()).convert("P")
+    data = _encode(src, "PNG", transparency=0)
+    out = decode_image(data)
+    assert out.mode == "RGB"
+    assert np.array_equal(np.asarray(out), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 64 * 8).reshape(8, 64).astype(np.uint16)
+    data = _encode(Image.fromarray(ramp), "PNG")
+    out = np.asarray(decode_image(data))
+    assert out.shape == (8, 64, 3)
+    assert out[..., 0].min() == 0 and out[..., 0].max() == 255
+    # a clipped conversion would be 255 almost everywhere
+    assert 100 < out[..., 0].mean() < 155
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    data = _encode(Image.fromarray(arr), "JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_image(data)
+    assert out.size == (20, 40)  # width and height swapped
+    top = np.asarray(out)[:5].mean()
+    bottom = np.asarray(out)[-5:].mean()
+    assert top > 200 and bottom < 50  # white moved from the left to the top
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = np.asarray(decode_image(buf.getvalue()))
+    assert out[..., 0].mean() > 200 and out[..., 2].mean() < 50
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"", d.EMPTY),
+        (b"this is text, not pixels", d.NOT_AN_IMAGE),
+        (_encode(Image.fromarray(_rgb_array(200, 200)), "JPEG")[:400], d.CORRUPT),
+        (_encode(Image.fromarray(_rgb_array(200, 200)), "PNG")[:200], d.CORRUPT),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(data, kind):
+    with pytest.raises(DecodeError) as err:
+        decode_image(data)
+    assert err.value.error_type == kind
+    assert str(err.value)
+
+
+def test_pixel_limit():
+    data = _encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(DecodeError) as err:
+        decode_image(data, max_pixels=5000)
+    assert err.value.error_type == d.TOO_LARGE and "10000" in str(err.value)
+    assert decode_image(data, max_pixels=10_000).size == (100, 100)

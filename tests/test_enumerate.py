@@ -1,0 +1,56 @@
+"""Listing image objects: local paths, globs, memory:// and a real S3 server."""
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from tasks.enumerate import list_images, read_plan, write_plan
+from tasks.storage import InputNotFoundError
+
+
+def test_local_prefix_lists_images_recursively(image_dir):
+    objs = list(list_images(str(image_dir)))
+    names = sorted(o.uri.rsplit("/", 1)[-1] for o in objs)
+    assert "notes.txt" not in names
+    assert "china.jpg" in names and "sample-000.jpg" in names and "empty.jpg" in names
+    assert all(o.uri.startswith("file://") for o in objs)
+    assert all(o.size is not None and o.mtime is not None for o in objs)
+    expected = [p for p in image_dir.rglob("*") if p.is_file() and p.suffix != ".txt"]
+    assert len(objs) == len(expected)
+
+
+def test_glob_and_single_file(image_dir):
+    jpgs = list(list_images(str(image_dir / "photos" / "*.jpg")))
+    assert sorted(o.uri.rsplit("/", 1)[-1] for o in jpgs) == ["china.jpg", "flower.jpg", "rocket.jpg"]
+    one = list(list_images(str(image_dir / "photos" / "china.jpg")))
+    assert len(one) == 1 and one[0].size == (image_dir / "photos" / "china.jpg").stat().st_size
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputNotFoundError, match="does not exist"):
+        list(list_images(str(tmp_path / "missing")))
+
+
+def test_memory_filesystem():
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/enum-test/a.PNG": b"x", "/enum-test/b.txt": b"y", "/enum-test/sub/c.jpeg": b"z"})
+    uris = sorted(o.uri for o in list_images("memory://enum-test"))
+    assert uris == ["memory:///enum-test/a.PNG", "memory:///enum-test/sub/c.jpeg"]
+
+
+def test_s3_listing_records_etags(s3fs_client, s3_bucket, s3_server, photos):
+    s3fs_client.put(str(photos / "china.jpg"), f"{s3_bucket}/in/x/china.jpg")
+    s3fs_client.pipe(f"{s3_bucket}/in/readme.md", b"no")
+    objs = list(list_images(f"s3://{s3_bucket}/in/", {"endpoint_url": s3_server}))
+    assert [o.uri for o in objs] == [f"s3://{s3_bucket}/in/x/china.jpg"]
+    assert objs[0].etag and '"' not in objs[0].etag and objs[0].mtime is not None
+
+
+def test_plan_round_trip(tmp_path, image_dir):
+    plan_uri = str(tmp_path / "run" / "plan.parquet")
+    n = write_plan(list_images(str(image_dir)), plan_uri)
+    table = read_plan(plan_uri)
+    assert table.num_rows == n > 0
+    assert table.column_names == ["uri", "source_size", "source_etag", "source_mtime"]
+    assert write_plan(iter([]), str(tmp_path / "empty.parquet")) == 0
+    assert read_plan(str(tmp_path / "empty.parquet")).num_rows == 0

@@ -1,0 +1,73 @@
+"""Checkpoint resolution: local dirs, fsspec URIs, the hub, and refusals."""
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+import pytest
+
+from deit_model import ModelLoadError, read_config, resolve_checkpoint
+
+
+def test_local_directory_is_absolute_and_named(tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    ref = resolve_checkpoint(tiny_checkpoint.name)
+    assert ref.local_dir == str(tiny_checkpoint) and ref.source == str(tiny_checkpoint)
+    assert ref.name == "ckpt-tiny"
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+
+
+def test_pickled_weights_are_refused(tmp_path, tiny_checkpoint):
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", bad)
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        resolve_checkpoint(str(bad))
+
+
+def test_unsupported_architecture(tmp_path, tiny_checkpoint):
+    import json
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["BertModel"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="not supported"):
+        read_config(resolve_checkpoint(str(other)).local_dir)
+
+
+def test_checkpoint_from_s3_is_fetched_once(tiny_checkpoint, s3fs_client, s3_bucket, s3_server):
+    s3fs_client.put(str(tiny_checkpoint), f"{s3_bucket}/models/tiny", recursive=True)
+    uri = f"s3://{s3_bucket}/models/tiny"
+    ref = resolve_checkpoint(uri, storage_options={"endpoint_url": s3_server})
+    assert ref.name == "tiny" and ref.source == uri
+    assert (read_config(ref.local_dir).hidden_size == 64)
+    s3fs_client.rm(f"{s3_bucket}/models/tiny", recursive=True)  # cached: no second download
+    again = resolve_checkpoint(uri, storage_options={"endpoint_url": s3_server})
+    assert again.local_dir == ref.local_dir
+
+
+def test_unreachable_hub_fails_fast_with_one_clear_line(monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError) as err:
+        resolve_checkpoint("facebook/deit-small-distilled-patch16-224")
+    assert time.monotonic() - start < 15
+    message = str(err.value)
+    assert "\n" not in message and "unreachable" in message and "--model" in message
+
+
+def test_offline_mode_without_cache(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        resolve_checkpoint("facebook/deit-small-distilled-patch16-224")

@@ -1,0 +1,116 @@
+"""Our scorer against the reference library, on real photographs, same weights.
+
+The reference is transformers itself: ``AutoImageProcessor.from_pretrained``
+(the torchvision-backed processor of transformers 5) and the checkpoint's
+model class, plus ``pipeline("image-classification")`` and the bare
+``DeiTModel``/``ViTModel`` backbones for the embedding definition.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (AutoImageProcessor, AutoModelForImageClassification, DeiTModel, ViTModel,
+                          pipeline)
+
+from deit_model import create_random_checkpoint, create_scorer, load_image_processor, preprocess
+
+from .conftest import TINY_OVERRIDES
+
+
+def _photos(photos):
+    return [Image.open(p).convert("RGB") for p in sorted(photos.iterdir())]
+
+
+def _reference(ckpt, images):
+    proc = AutoImageProcessor.from_pretrained(ckpt)
+    model = AutoModelForImageClassification.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        logits = model(**proc(images, return_tensors="pt")).logits
+    return logits
+
+
+def test_distilled_matches_transformers(tiny_checkpoint, photos):
+    images = _photos(photos)
+    scorer = create_scorer(str(tiny_checkpoint), top_k=5, device="cpu", dtype="fp32")
+    ours = scorer.score(preprocess(load_image_processor(str(tiny_checkpoint)), images))
+    probs = _reference(tiny_checkpoint, images).softmax(-1)
+    ref_scores, ref_ids = probs.topk(5)
+    assert np.array_equal(ours.label_ids, ref_ids.numpy())
+    np.testing.assert_allclose(ours.scores, ref_scores.numpy(), atol=1e-5)
+    assert np.all(np.diff(ours.scores, axis=1) <= 0)  # best first
+    # embedding: mean of final-norm class and distillation tokens of the bare backbone
+    proc = AutoImageProcessor.from_pretrained(tiny_checkpoint)
+    backbone = DeiTModel.from_pretrained(tiny_checkpoint, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        h = backbone(**proc(images, return_tensors="pt")).last_hidden_state
+    ref_emb = ((h[:, 0] + h[:, 1]) / 2).numpy()
+    cos = (ours.embedding * ref_emb).sum(1) / np.linalg.norm(ours.embedding, axis=1) / np.linalg.norm(ref_emb, axis=1)
+    assert ours.embedding.shape == (len(images), TINY_OVERRIDES["hidden_size"])
+    assert cos.min() > 0.9999
+    np.testing.assert_allclose(ours.embedding, ref_emb, atol=1e-5)
+
+
+def test_distilled_matches_transformers_pipeline(tiny_checkpoint, photos):
+    images = _photos(photos)[:3]
+    pipe = pipeline("image-classification", model=str(tiny_checkpoint), device="cpu")
+    ref = pipe(images, top_k=3)
+    scorer = create_scorer(str(tiny_checkpoint), top_k=3, device="cpu", dtype="fp32")
+    ours = scorer.score(preprocess(load_image_processor(str(tiny_checkpoint)), images))
+    for i, row in enumerate(ref):
+        assert [r["label"] for r in row] == scorer.labels(ours.label_ids)[i]
+        np.testing.assert_allclose([r["score"] for r in row], ours.scores[i], atol=1e-5)
+
+
+def test_non_distilled_vit_class_checkpoint(tmp_path, photos):
+    ckpt = create_random_checkpoint("facebook/deit-tiny-patch16-224", tmp_path / "vit", **TINY_OVERRIDES)
+    images = _photos(photos)
+    scorer = create_scorer(str(ckpt), top_k=4, device="cpu", dtype="fp32")
+    processor = load_image_processor(str(ckpt))
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5]  # its own preprocessing, not ImageNet's
+    ours = scorer.score(preprocess(processor, images))
+    ref_scores, ref_ids = _reference(ckpt, images).softmax(-1).topk(4)
+    assert np.array_equal(ours.label_ids, ref_ids.numpy())
+    np.testing.assert_allclose(ours.scores, ref_scores.numpy(), atol=1e-5)
+    backbone = ViTModel.from_pretrained(ckpt, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        h = backbone(**AutoImageProcessor.from_pretrained(ckpt)(images, return_tensors="pt")).last_hidden_state
+    np.testing.assert_allclose(ours.embedding, h[:, 0].numpy(), atol=1e-5)
+
+
+def test_multi_label_checkpoint_uses_sigmoid(tmp_path, photos):
+    ckpt = create_random_checkpoint(
+        "facebook/deit-tiny-distilled-patch16-224", tmp_path / "ml", num_labels=4,
+        problem_type="multi_label_classification", **TINY_OVERRIDES)
+    images = _photos(photos)[:2]
+    scorer = create_scorer(str(ckpt), top_k=4, device="cpu", dtype="fp32")
+    ours = scorer.score(preprocess(load_image_processor(str(ckpt)), images))
+    assert scorer.activation == "sigmoid"
+    ref = torch.sigmoid(_reference(ckpt, images))
+    np.testing.assert_allclose(np.sort(ours.scores, axis=1), np.sort(ref.numpy(), axis=1), atol=1e-5)
+    assert scorer.labels(ours.label_ids)[0][0].startswith("class_")
+
+
+def test_full_size_base_shapes(tmp_path, photos):
+    """One full-size configuration: DeiT-base distilled, 768-d embedding, 198 tokens."""
+    ckpt = create_random_checkpoint("facebook/deit-base-distilled-patch16-224", tmp_path / "base")
+    scorer = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32")
+    px = preprocess(load_image_processor(str(ckpt)), _photos(photos)[:1])
+    assert px.shape == (1, 3, 224, 224)
+    out = scorer.model(torch.as_tensor(px))
+    assert out.features.shape == (1, 198, 768)
+    assert out.logits.shape == (1, 1000) and scorer.embedding_dim == 768
+    assert scorer.id2label[0] == "tench, Tinca tinca"
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_low_precision_on_cpu_agrees_roughly(tiny_checkpoint, photos, dtype):
+    images = _photos(photos)
+    px = preprocess(load_image_processor(str(tiny_checkpoint)), images)
+    fp32 = create_scorer(str(tiny_checkpoint), top_k=1, device="cpu", dtype="fp32").score(px)
+    low = create_scorer(str(tiny_checkpoint), top_k=1, device="cpu", dtype=dtype).score(px)
+    assert low.scores.dtype == np.float32 and low.embedding.dtype == np.float32
+    cos = (fp32.embedding * low.embedding).sum(1) / (
+        np.linalg.norm(fp32.embedding, axis=1) * np.linalg.norm(low.embedding, axis=1))
+    assert cos.min() > 0.99
