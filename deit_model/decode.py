@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own bomb limit (2x MAX_IMAGE_PIXELS warns)
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default: 2x its MAX_IMAGE_PIXELS, where it raises
 
 # Stable error_type values written to the errors table.
 EMPTY = "empty_object"
@@ -38,7 +38,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise DecodeError(EMPTY, "object is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            # PIL warns (and later raises) past its own limit; we check our own.
+            # PIL checks inside Image.open (warning past MAX_IMAGE_PIXELS, raising past
+            # twice that), before our own check can run: keep its limit at ours so a
+            # larger --max-pixels takes effect, and report ours instead of its warning.
+            Image.MAX_IMAGE_PIXELS = max_pixels
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size

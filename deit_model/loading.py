@@ -16,9 +16,11 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Files a classification checkpoint needs; weights are taken only as safetensors
-# here (pickled .bin files are refused, see _check_weights).
-_CHECKPOINT_FILES = ["config.json", "preprocessor_config.json", "*.safetensors", "*.json"]
+# Files a classification checkpoint needs. safetensors weights are preferred;
+# pickled .bin weights are fetched only when a repo has no safetensors, and are
+# then loaded with torch.load(weights_only=True), which refuses pickled code.
+_CHECKPOINT_FILES = ["*.json", "*.safetensors"]
+_PICKLED_WEIGHTS = ["pytorch_model*.bin"]
 _HUB_PROBE_TIMEOUT_S = 5.0
 # "name" or "org/name", as the hub spells repository ids; anything else is a path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -58,7 +60,7 @@ def resolve_checkpoint(
     if os.path.isdir(local):
         _check_weights(local)
         local = os.path.abspath(local)  # workers may run elsewhere than the driver's cwd
-        return CheckpointRef(Path(local).name, local, local, revision)
+        return CheckpointRef(Path(local).name, local, local, content_hash(local))
     if not _HUB_ID.fullmatch(model):
         raise ModelLoadError(
             f"model directory {model!r} does not exist; pass an existing checkpoint "
@@ -69,14 +71,9 @@ def resolve_checkpoint(
 
 
 def _fetch_hub(repo_id: str, revision: str | None) -> CheckpointRef:
-    from huggingface_hub import snapshot_download
-
     try:  # a cached snapshot works offline and needs no network round trip
-        path = snapshot_download(
-            repo_id, revision=revision, allow_patterns=_CHECKPOINT_FILES, local_files_only=True
-        )
-        _check_weights(path)
-        return CheckpointRef(repo_id, path, repo_id, revision)
+        path = _snapshot(repo_id, revision, local_files_only=True)
+        return CheckpointRef(repo_id, path, repo_id, _commit_of(path))
     except ModelLoadError:
         raise
     except Exception:  # not cached: fall through to the hub
@@ -95,11 +92,30 @@ def _fetch_hub(repo_id: str, revision: str | None) -> CheckpointRef:
             "directory with --model"
         )
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=_CHECKPOINT_FILES)
+        path = _snapshot(repo_id, revision, local_files_only=False)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # RepositoryNotFound, RevisionNotFound, HTTP errors
         raise ModelLoadError(f"cannot download model {repo_id!r} from {endpoint}: {exc}") from exc
+    return CheckpointRef(repo_id, path, repo_id, _commit_of(path))
+
+
+def _snapshot(repo_id: str, revision: str | None, local_files_only: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id, revision=revision, allow_patterns=_CHECKPOINT_FILES,
+                             local_files_only=local_files_only)
+    if not any(n.endswith(".safetensors") for n in os.listdir(path)):
+        # older repos (facebook/deit-* on main among them) carry only pytorch_model.bin
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=_PICKLED_WEIGHTS,
+                                 local_files_only=local_files_only)
     _check_weights(path)
-    return CheckpointRef(repo_id, path, repo_id, revision)
+    return path
+
+
+def _commit_of(snapshot_path: str) -> str:
+    # the hub cache keeps each revision under snapshots/<commit sha>/
+    return Path(snapshot_path).name
 
 
 def hub_endpoint() -> str:
@@ -152,15 +168,32 @@ def _fetch_remote_dir(uri: str, storage_options: dict) -> CheckpointRef:
         except OSError as exc:
             raise ModelLoadError(f"cannot read model directory {uri!r}: {exc}") from exc
     _check_weights(str(target))
-    return CheckpointRef(uri.rstrip("/").rsplit("/", 1)[-1], str(target), uri)
+    return CheckpointRef(uri.rstrip("/").rsplit("/", 1)[-1], str(target), uri, content_hash(str(target)))
+
+
+def content_hash(local_dir: str) -> str:
+    """``sha256:<hex>`` over the checkpoint's config, preprocessing and weight files.
+
+    Identifies the exact weights of a local or remote checkpoint directory,
+    which have no hub commit to name them.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(local_dir)):
+        if not name.endswith((".json", ".safetensors", ".bin")):
+            continue
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(local_dir, name), "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:32]
 
 
 def _check_weights(local_dir: str) -> None:
     names = os.listdir(local_dir)
     if "config.json" not in names:
         raise ModelLoadError(f"{local_dir!r} has no config.json: not a save_pretrained checkpoint")
-    if not any(n.endswith(".safetensors") for n in names):
+    if not any(n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin"))
+               for n in names):
         raise ModelLoadError(
-            f"{local_dir!r} has no .safetensors weights; pickled weights are not loaded "
-            "(convert them with save_pretrained(safe_serialization=True))"
+            f"{local_dir!r} has no model weights (model.safetensors or pytorch_model.bin)"
         )

@@ -104,10 +104,17 @@ def create_model(local_dir: str, device: torch.device, dtype: torch.dtype) -> Lo
     cls_name, forward = _ARCHITECTURES[config.architectures[0]]
     cls = getattr(transformers, cls_name)
     try:
+        # safetensors when present; a .bin only through torch.load(weights_only=True),
+        # which refuses any pickle that would run code. Never trust_remote_code.
         module = cls.from_pretrained(
-            local_dir, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+            local_dir, dtype=dtype, attn_implementation="sdpa", weights_only=True, trust_remote_code=False
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # UnpicklingError, OSError, ValueError, size mismatches
+        if "Weights only load failed" in str(exc):
+            # torch's own text suggests weights_only=False: exactly what must not happen
+            raise ModelLoadError(
+                f"refused to load {local_dir!r}: its pickled weights hold objects other than "
+                "tensors (possibly code); convert the checkpoint to safetensors") from None
         raise ModelLoadError(f"cannot load weights from {local_dir!r}: {exc}") from exc
     module.to(device).eval()
     logger.info("loaded %s (%s) on %s as %s", local_dir, config.architectures[0], device, dtype)

@@ -1,4 +1,4 @@
-"""``score-images``: run the flow in-process, or the offline demo.
+"""score-images: score images with a DeiT model into Parquet, via Prefect and Ray.
 
 Exit codes: 0 the run completed (some images may have failed: see the errors
 table); 1 the run failed; 2 a bad argument, model or input (nothing ran).

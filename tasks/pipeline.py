@@ -6,13 +6,14 @@ writer, keeping no per-image state.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from deit_model import CheckpointRef, load_image_processor
+from deit_model import CheckpointRef, embedding_dim, load_image_processor, read_config
 
 from .decode import decode_batch
 from .ray_cluster import cluster_resources
@@ -23,7 +24,7 @@ from .write import DatasetWriter, WriteResult
 logger = logging.getLogger(__name__)
 
 DECODE_BLOCK_ROWS = 64  # rows per plan block: the unit of decode parallelism
-DECODE_TASK_MEMORY = 512 * 1024**2  # bytes reserved per decode task
+DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
 PROGRESS_EVERY_S = 10.0
 
 
@@ -59,8 +60,8 @@ def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placeme
                      settings.cpus_per_actor)
 
 
-def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, writer: DatasetWriter,
-                 run_id: str) -> WriteResult:
+def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, processor,
+                 writer: DatasetWriter, run_id: str) -> WriteResult:
     """Score every row of ``plan`` and stream the results into ``writer``."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -78,7 +79,7 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, wr
     ds = ds.map_batches(
         decode_batch, batch_format="numpy", batch_size=None, num_cpus=settings.decode_cpus,
         memory=DECODE_TASK_MEMORY, udf_modifying_row_count=False,
-        fn_kwargs={"processor": load_image_processor(ref.local_dir), "max_pixels": settings.max_pixels,
+        fn_kwargs={"processor": processor, "max_pixels": settings.max_pixels,
                    "storage_options": settings.storage_options})
     ds = ds.map_batches(
         ScoringActor, batch_format="numpy", batch_size=settings.batch_size, udf_modifying_row_count=False,
@@ -114,14 +115,26 @@ class _Progress:
                     done, self.total, 100.0 * done / max(self.total, 1), rate, result.failed)
 
 
-def score_run(settings: ScoreSettings, run, ref: CheckpointRef, plan: pa.Table, embedding_dim: int) -> WriteResult:
+def score_run(settings: ScoreSettings, run, ref: CheckpointRef, plan: pa.Table) -> WriteResult:
     """Run the pipeline for a planned run inside a Ray session."""
     from .ray_cluster import ray_session
 
+    processor = load_image_processor(ref.local_dir)
+    preprocessing = processor.to_dict()
+    metadata = {"model": ref.name, "model_revision": ref.revision or "",
+                "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str)}
     writer = DatasetWriter(settings.output, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
-                           embedding_dim=embedding_dim, rows_per_file=settings.rows_per_file,
-                           storage_options=settings.storage_options)
+                           embedding_dim=embedding_dim(read_config(ref.local_dir)),
+                           rows_per_file=settings.rows_per_file, storage_options=settings.storage_options,
+                           metadata=metadata)
     if plan.num_rows == 0:
-        return writer.close()
-    with ray_session(settings.resolved_ray_address()):
-        return run_pipeline(settings, plan, ref, writer, run.run_id)
+        result = writer.close()
+    else:
+        try:
+            with ray_session(settings.resolved_ray_address()):
+                result = run_pipeline(settings, plan, ref, processor, writer, run.run_id)
+        except BaseException:
+            writer.abort()
+            raise
+    result.preprocessing = json.loads(metadata["preprocessing"])
+    return result

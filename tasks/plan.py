@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import storage
-from .enumerate import list_images, write_plan
+from .enumerate import IMAGE_EXTENSIONS, list_images, write_plan
 from .settings import ScoreSettings
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,6 @@ def plan_run(settings: ScoreSettings, run: RunInfo) -> int:
     objects = list_images(settings.input, settings.storage_options)
     count = write_plan(objects, run.plan_uri, settings.storage_options)
     if count == 0:
-        logger.warning("no images found under %s (extensions: jpg, jpeg, png, webp, bmp, gif, tif)",
-                       settings.input)
+        logger.warning("no images found under %s (extensions: %s)", settings.input,
+                       ", ".join(sorted(IMAGE_EXTENSIONS)))
     return count

@@ -22,8 +22,9 @@ def ray_session(address: str | None) -> Iterator[None]:
         return
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True, configure_logging=True)
-    logger.info("ray: %s cluster with %s",
-                "joined" if address else "started local", ray.cluster_resources())
+    # with no address, ray.init joins a cluster already running on this machine
+    # (ray start) or starts a private one; either way it is ours to disconnect from
+    logger.info("ray: connected to %s with %s", address or "a local cluster", ray.cluster_resources())
     try:
         yield
     finally:

@@ -24,6 +24,8 @@ class RunSummary:
     model: str
     input: str
     output: str
+    model_revision: str | None = None  # hub commit, or sha256 content hash of a checkpoint dir
+    preprocessing: dict = field(default_factory=dict)  # the image processor's config
     listed: int = 0
     scored: int = 0
     failed: int = 0
@@ -58,7 +60,7 @@ def format_summary(summary: RunSummary) -> str:
     """A few lines for the terminal: outcome, counts, where the data is."""
     lines = [
         f"run {summary.run_id}: {summary.status}",
-        f"  model:   {summary.model}",
+        f"  model:   {summary.model} ({summary.model_revision or 'unknown revision'})",
         f"  images:  {summary.listed} listed, {summary.scored} scored, {summary.failed} failed",
     ]
     if summary.errors_by_type:

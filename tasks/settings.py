@@ -76,6 +76,12 @@ def settings_signature(model: type[BaseModel] = ScoreSettings) -> inspect.Signat
     return inspect.Signature(params)
 
 
+def settings_docstring(summary: str, model: type[BaseModel] = ScoreSettings) -> str:
+    """``summary`` plus a Google-style Args section; Prefect reads parameter help from it."""
+    args = "\n".join(f"    {name}: {field.description}" for name, field in model.model_fields.items())
+    return f"{summary}\n\nArgs:\n{args}\n"
+
+
 def format_validation_error(exc) -> str:
     """One line per problem from a pydantic ValidationError: 'field: message (got X)'."""
     parts = []

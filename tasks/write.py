@@ -28,6 +28,7 @@ class WriteResult:
     failed: int = 0
     files: list[str] = field(default_factory=list)
     errors_by_type: dict[str, int] = field(default_factory=dict)
+    preprocessing: dict = field(default_factory=dict)
 
 
 class _RollingFile:
@@ -69,14 +70,20 @@ class DatasetWriter:
     """Splits actor output into the predictions and errors tables and writes both."""
 
     def __init__(self, output: str, *, model_name: str, run_id: str, run_date: str,
-                 embedding_dim: int, rows_per_file: int, storage_options: dict | None = None):
+                 embedding_dim: int, rows_per_file: int, storage_options: dict | None = None,
+                 metadata: dict[str, str] | None = None):
         fs, root = storage.filesystem(output, storage_options)
         self.embedding_dim = embedding_dim
         self.result = WriteResult()
+        # run facts (model revision, preprocessing) ride along in every file's footer
+        extra = {f"deit_scoring.{k}".encode(): v.encode() for k, v in (metadata or {}).items()}
+        preds_schema = predictions_schema(embedding_dim)
         self.preds = _RollingFile(fs, partition_dir(root, "predictions", model_name, run_date),
-                                  predictions_schema(embedding_dim), run_id, rows_per_file)
+                                  preds_schema.with_metadata({**preds_schema.metadata, **extra}),
+                                  run_id, rows_per_file)
         self.errors = _RollingFile(fs, partition_dir(root, "errors", model_name, run_date),
-                                   ERRORS_SCHEMA, run_id, rows_per_file)
+                                   ERRORS_SCHEMA.with_metadata({**ERRORS_SCHEMA.metadata, **extra}),
+                                   run_id, rows_per_file)
 
     def write(self, batch: pa.Table) -> None:
         """Write one actor output batch."""
@@ -87,6 +94,19 @@ class DatasetWriter:
         self.result.failed += errs.num_rows
         for kind in errs["error_type"].to_pylist():
             self.result.errors_by_type[kind] = self.result.errors_by_type.get(kind, 0) + 1
+
+    def abort(self) -> None:
+        """Close and delete every file this writer made: a failed run leaves no parts behind."""
+        for rolling in (self.preds, self.errors):
+            try:
+                rolling.close()
+            except Exception:  # noqa: BLE001 - removing the files matters more
+                logger.debug("closing %s failed", rolling.dir, exc_info=True)
+            for uri in rolling.files:
+                try:
+                    rolling.fs.rm_file(rolling.fs._strip_protocol(uri))
+                except FileNotFoundError:
+                    pass
 
     def close(self) -> WriteResult:
         """Finish all open files and return what was written."""

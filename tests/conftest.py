@@ -6,6 +6,7 @@ driver's environment, which is how they get the fake S3 credentials).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -113,6 +114,7 @@ def s3_server():
     """A real S3-protocol server (moto server mode) on 127.0.0.1; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

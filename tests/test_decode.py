@@ -99,3 +99,18 @@ def test_pixel_limit():
         decode_image(data, max_pixels=5000)
     assert err.value.error_type == d.TOO_LARGE and "10000" in str(err.value)
     assert decode_image(data, max_pixels=10_000).size == (100, 100)
+
+
+def test_pixel_limit_above_pillows_default_is_honoured():
+    """PIL's own check would refuse this image; a larger --max-pixels must let it through."""
+    from PIL import Image as PILImage
+
+    data = _encode(Image.new("L", (20_000, 10_000)), "PNG")  # 200 MP, over PIL's 179 MP default
+    default = PILImage.MAX_IMAGE_PIXELS
+    try:
+        with pytest.raises(DecodeError) as err:
+            decode_image(data)
+        assert err.value.error_type == d.TOO_LARGE
+        assert decode_image(data, max_pixels=250_000_000).size == (20_000, 10_000)
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = default

@@ -22,13 +22,17 @@ def test_missing_local_directory(tmp_path):
         resolve_checkpoint(str(tmp_path / "nope"))
 
 
-def test_pickled_weights_are_refused(tmp_path, tiny_checkpoint):
-    bad = tmp_path / "pickled"
+def test_directory_without_weights_or_with_garbage_weights(tmp_path, tiny_checkpoint):
+    from deit_model import create_scorer
+
+    bad = tmp_path / "noweights"
     bad.mkdir()
     shutil.copy(tiny_checkpoint / "config.json", bad)
-    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ModelLoadError, match="safetensors"):
+    with pytest.raises(ModelLoadError, match="no model weights"):
         resolve_checkpoint(str(bad))
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ModelLoadError, match="refused to load|cannot load weights"):
+        create_scorer(str(bad), device="cpu")
 
 
 def test_unsupported_architecture(tmp_path, tiny_checkpoint):
@@ -71,3 +75,57 @@ def test_offline_mode_without_cache(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
         resolve_checkpoint("facebook/deit-small-distilled-patch16-224")
+
+
+def test_local_revision_is_a_content_hash(tmp_path, tiny_checkpoint):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, copy)
+    first = resolve_checkpoint(str(copy)).revision
+    assert first.startswith("sha256:") and first == resolve_checkpoint(str(tiny_checkpoint)).revision
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    assert resolve_checkpoint(str(copy)).revision != first
+
+
+def test_bin_weights_load_with_weights_only(tmp_path, tiny_checkpoint, photos):
+    """A pytorch_model.bin holding only tensors loads and scores like the safetensors copy."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from deit_model import create_scorer, load_image_processor, preprocess
+
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_checkpoint / name, binary)
+    torch.save(load_file(tiny_checkpoint / "model.safetensors"), binary / "pytorch_model.bin")
+    px = preprocess(load_image_processor(str(tiny_checkpoint)), [Image.open(photos / "china.jpg").convert("RGB")])
+    a = create_scorer(str(tiny_checkpoint), device="cpu", dtype="fp32").score(px)
+    b = create_scorer(str(binary), device="cpu", dtype="fp32").score(px)
+    np.testing.assert_array_equal(a.label_ids, b.label_ids)
+    np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-6)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())  # any callable: weights_only must refuse to call it
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_checkpoint):
+    import torch
+    from safetensors.torch import load_file
+
+    from deit_model import create_scorer
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_checkpoint / name, evil)
+    state = load_file(tiny_checkpoint / "model.safetensors")
+    state["payload"] = _RunsCode()
+    torch.save(state, evil / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="refused to load .*possibly code"):
+        create_scorer(str(evil), device="cpu")

@@ -1,0 +1,64 @@
+"""`score-images run` and `score-images demo` end to end: exit codes and what they print."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow.dataset as ds
+import pytest
+
+from flows.cli import EXIT_FAILED, EXIT_OK, main
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_prints_summary_and_exits_0(ray_cluster, prefect_harness, tiny_checkpoint, image_dir, tmp_path, capsys):
+    code = main(["run", "--input", str(image_dir / "photos"), "--output", str(tmp_path / "o"),
+                 "--model", str(tiny_checkpoint), "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "completed" in out and "8 listed, 8 scored, 0 failed" in out
+    assert f"{tmp_path / 'o'}/predictions" in out and "read_parquet(" in out
+
+
+def test_run_that_fails_exits_1(ray_cluster, prefect_harness, tiny_checkpoint, image_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("output cannot go under a file")
+    code = main(["run", "--input", str(image_dir / "photos"), "--output", str(blocker / "out"),
+                 "--model", str(tiny_checkpoint), "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED and "run failed" in err
+
+
+def test_decode_and_scoring_are_separate_stages(ray_cluster, tiny_checkpoint, image_dir, tmp_path, caplog):
+    """Decode must not be fused into the scoring actor, or CPU work stops overlapping the model."""
+    import logging
+
+    from tasks.pipeline import score_run
+    from tasks.plan import new_run
+    from tasks.enumerate import list_images, _plan_table
+    from tasks.settings import ScoreSettings
+    from deit_model import resolve_checkpoint
+
+    settings = ScoreSettings(input=str(image_dir / "photos"), output=str(tmp_path), model=str(tiny_checkpoint),
+                             cpus_per_actor=0.5, decode_cpus=0.5)
+    plan = _plan_table(list(list_images(settings.input)))
+    with caplog.at_level(logging.INFO, logger="ray.data"):
+        result = score_run(settings, new_run(settings), resolve_checkpoint(settings.model), plan)
+    assert result.scored == plan.num_rows
+    plans = [r.getMessage() for r in caplog.records if "Execution plan" in r.getMessage()]
+    assert plans and "TaskPoolMapOperator[MapBatches(decode_batch)] -> ActorPoolMapOperator" in plans[-1]
+
+
+def test_demo_command_offline(session_tmp, tmp_path):
+    """The README's first command, offline: falls back to a random checkpoint and says so."""
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", PREFECT_HOME=str(tmp_path / "ph"))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--output", str(tmp_path / "demo"),
+                           "--num-images", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANDOMLY INITIALISED" in proc.stdout and "labels mean nothing" in proc.stdout
+    assert "4 predictions, 3 errors" in proc.stdout
+    preds = ds.dataset(tmp_path / "demo" / "predictions", partitioning="hive").to_table()
+    assert preds.num_rows == 4 and preds.schema.field("embedding").type.list_size == 768
+    assert set(preds["model"].to_pylist()) == {"random-facebook--deit-base-distilled-patch16-224"}
