@@ -32,23 +32,34 @@ class DecodeError(Exception):
         self.error_type = error_type
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``data`` to an RGB ``PIL.Image`` (first frame, EXIF-oriented)."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
+    """Decode ``data`` to an RGB ``PIL.Image`` (first frame, EXIF-oriented).
+
+    ``draft_side`` turns on fast decoding: JPEGs are decoded at a reduced scale
+    (DCT-domain downscaling, ``Image.draft``) that keeps both sides at least
+    ``draft_side`` pixels. This changes pixels; its agreement with exact
+    decoding is measured in docs/models.md, not assumed.
+    """
     if not data:
         raise DecodeError(EMPTY, "object is empty (0 bytes)")
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             # PIL checks inside Image.open (warning past MAX_IMAGE_PIXELS, raising past
-            # twice that), before our own check can run: keep its limit at ours so a
-            # larger --max-pixels takes effect, and report ours instead of its warning.
+            # twice that), before our own check can run: lift its limit to ours for
+            # this call so a larger --max-pixels takes effect, and report ours
+            # instead of its warning. Restored below: it is process-wide.
             Image.MAX_IMAGE_PIXELS = max_pixels
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            Image.MAX_IMAGE_PIXELS = pil_limit
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError(
                     TOO_LARGE, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
                 )
+            if draft_side and img.format == "JPEG":
+                img.draft(img.mode, (draft_side, draft_side))
             img.load()  # decode now, so truncation is reported here
             img = ImageOps.exif_transpose(img)
     except DecodeError:
@@ -59,6 +70,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise DecodeError(TOO_LARGE, str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(CORRUPT, f"cannot decode image: {exc}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     return to_rgb(img)
 
 

@@ -53,7 +53,12 @@ def cache_root() -> Path:
 def resolve_checkpoint(
     model: str, revision: str | None = None, storage_options: dict | None = None
 ) -> CheckpointRef:
-    """Resolve ``model`` (hub id, local dir or fsspec URI) to a local directory."""
+    """Resolve ``model`` (hub id, ``timm:<name>``, local dir or fsspec URI) to a local directory."""
+    if model.startswith("timm:"):
+        # timm's pretrained weights live on the hub as timm/<name>[.<tag>]
+        name = model[len("timm:"):]
+        ref = _fetch_hub(name if "/" in name else f"timm/{name}", revision)
+        return CheckpointRef(model, ref.local_dir, model, ref.revision)
     if "://" in model and not model.startswith("file://"):
         return _fetch_remote_dir(model, storage_options or {})
     local = model[len("file://"):] if model.startswith("file://") else model
@@ -103,12 +108,14 @@ def _fetch_hub(repo_id: str, revision: str | None) -> CheckpointRef:
 def _snapshot(repo_id: str, revision: str | None, local_files_only: bool) -> str:
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(repo_id, revision=revision, allow_patterns=_CHECKPOINT_FILES,
-                             local_files_only=local_files_only)
+    # huggingface_hub reads HF_ENDPOINT and HF_HOME once, at import; read them now
+    # so a long-lived worker honours the environment it is given.
+    kwargs = dict(revision=revision, local_files_only=local_files_only,
+                  endpoint=hub_endpoint(), cache_dir=hub_cache_dir())
+    path = snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES, **kwargs)
     if not any(n.endswith(".safetensors") for n in os.listdir(path)):
         # older repos (facebook/deit-* on main among them) carry only pytorch_model.bin
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=_PICKLED_WEIGHTS,
-                                 local_files_only=local_files_only)
+        path = snapshot_download(repo_id, allow_patterns=_PICKLED_WEIGHTS, **kwargs)
     _check_weights(path)
     return path
 
@@ -121,6 +128,15 @@ def _commit_of(snapshot_path: str) -> str:
 def hub_endpoint() -> str:
     """The hub base URL, honouring ``HF_ENDPOINT``."""
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_cache_dir() -> str:
+    """The hub cache, honouring ``HF_HUB_CACHE`` and ``HF_HOME`` as huggingface_hub does."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+    return os.path.join(home, "hub")
 
 
 def probe_hub(endpoint: str | None = None) -> str | None:

@@ -1,20 +1,25 @@
-"""Build a classification model from a checkpoint and define its outputs.
+"""Models and what their outputs mean, for every backend.
 
-The architecture is chosen from the checkpoint's ``config.json`` (its
-``architectures`` entry), never from its name. Each architecture defines two
-things, as the reference library does:
+A checkpoint directory names its backend through its ``config.json``: a
+transformers config has ``model_type``, a timm config has ``architecture``.
+The architecture is chosen from that file, never from the checkpoint's name,
+and each architecture defines, as its reference library does:
 
 * logits: distilled DeiT averages its class-token and distillation-token heads;
   ViT-class checkpoints (the non-distilled DeiTs) use the class-token head;
+  timm models use ``forward_head``;
 * the pooled embedding: the mean of the final-norm class and distillation tokens
   for distilled DeiT (timm's ``forward_head(pre_logits=True)``), the final-norm
-  class token otherwise. ``pooler_output`` is never used: classification
+  class token for ViT-class models, the class token after the class-attention
+  blocks for CaiT. ``pooler_output`` is never used: classification
   checkpoints carry no pooler weights.
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -33,6 +38,34 @@ class ModelOutputs:
     features: torch.Tensor  # final-norm token sequence (unpooled)
 
 
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is, read from its config alone (no weights loaded)."""
+
+    backend: str  # "transformers" or "timm"
+    architecture: str
+    embedding_dim: int
+    labels: list[str]
+    multi_label: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with the forward that defines its outputs."""
+
+    module: torch.nn.Module
+    forward: Callable[[torch.nn.Module, torch.Tensor], ModelOutputs]
+    info: CheckpointInfo
+
+    def __call__(self, pixel_values: torch.Tensor) -> ModelOutputs:
+        return self.forward(self.module, pixel_values)
+
+
 def _distilled_forward(model, pixel_values: torch.Tensor) -> ModelOutputs:
     hidden = model.deit(pixel_values).last_hidden_state  # already final-LayerNorm
     cls_tok, dist_tok = hidden[:, 0], hidden[:, 1]
@@ -48,74 +81,89 @@ def _cls_token_forward(backbone_attr: str):
     return forward
 
 
-# architecture name in config.json -> (transformers class name, forward)
-_ARCHITECTURES: dict[str, tuple[str, Callable]] = {
-    "DeiTForImageClassificationWithTeacher": (
-        "DeiTForImageClassificationWithTeacher", _distilled_forward),
-    "DeiTForImageClassification": ("DeiTForImageClassification", _cls_token_forward("deit")),
-    "ViTForImageClassification": ("ViTForImageClassification", _cls_token_forward("vit")),
+# transformers architecture in config.json -> forward defining logits and embedding
+_HF_ARCHITECTURES: dict[str, Callable] = {
+    "DeiTForImageClassificationWithTeacher": _distilled_forward,
+    "DeiTForImageClassification": _cls_token_forward("deit"),
+    "ViTForImageClassification": _cls_token_forward("vit"),
 }
 
 
 def supported_architectures() -> list[str]:
-    """Architecture names (``config.architectures[0]``) this package can score."""
-    return sorted(_ARCHITECTURES)
+    """transformers architecture names (``config.architectures[0]``) this package scores."""
+    return sorted(_HF_ARCHITECTURES)
 
 
-@dataclass
-class LoadedModel:
-    """A model in eval mode with the forward that defines its outputs."""
-
-    module: torch.nn.Module
-    forward: Callable[[torch.nn.Module, torch.Tensor], ModelOutputs]
-    config: object
-
-    def __call__(self, pixel_values: torch.Tensor) -> ModelOutputs:
-        return self.forward(self.module, pixel_values)
-
-
-def read_config(local_dir: str):
-    """The checkpoint's config, checked to be an architecture we can score."""
-    import transformers
-
+def read_config(local_dir: str) -> dict:
+    """The checkpoint's ``config.json`` as a dict."""
     try:
-        config = transformers.AutoConfig.from_pretrained(local_dir)
+        with open(os.path.join(local_dir, "config.json")) as fh:
+            return json.load(fh)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read config.json in {local_dir!r}: {exc}") from exc
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    if arch not in _ARCHITECTURES:
+
+
+def inspect_checkpoint(local_dir: str) -> CheckpointInfo:
+    """Backend, architecture, embedding width and labels of a checkpoint directory."""
+    cfg = read_config(local_dir)
+    if "architecture" in cfg and "model_type" not in cfg:
+        from .timm_backend import timm_info
+
+        return timm_info(cfg)
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch not in _HF_ARCHITECTURES:
         raise ModelLoadError(
             f"checkpoint architecture {arch!r} is not supported; supported: "
-            + ", ".join(supported_architectures())
-        )
-    return config
+            + ", ".join(supported_architectures()) + ", or any timm model")
+    id2label = cfg.get("id2label") or {}
+    num_labels = len(id2label) or int(cfg.get("num_labels", 2))
+    labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_labels)]
+    return CheckpointInfo("transformers", arch, int(cfg["hidden_size"]), labels,
+                          multi_label=cfg.get("problem_type") == "multi_label_classification")
 
 
-def embedding_dim(config) -> int:
-    """Width of the pooled embedding: the transformer's hidden size for every family here."""
-    return int(config.hidden_size)
+def embedding_dim(local_dir: str) -> int:
+    """Width of the pooled embedding of the checkpoint in ``local_dir``."""
+    return inspect_checkpoint(local_dir).embedding_dim
 
 
 def create_model(local_dir: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load the checkpoint in ``local_dir`` onto ``device`` in ``dtype``."""
+    info = inspect_checkpoint(local_dir)
+    if info.backend == "timm":
+        from .timm_backend import create_timm_model
+
+        module, forward = create_timm_model(local_dir), _timm_forward
+    else:
+        module, forward = _create_hf_model(local_dir, info, dtype), _HF_ARCHITECTURES[info.architecture]
+    module.to(device=device, dtype=dtype).eval()
+    logger.info("loaded %s (%s %s) on %s as %s", local_dir, info.backend, info.architecture, device, dtype)
+    return LoadedModel(module, forward, info)
+
+
+def _timm_forward(model, pixel_values: torch.Tensor) -> ModelOutputs:
+    features = model.forward_features(pixel_values)
+    return ModelOutputs(model.forward_head(features), model.forward_head(features, pre_logits=True), features)
+
+
+def _create_hf_model(local_dir: str, info: CheckpointInfo, dtype: torch.dtype) -> torch.nn.Module:
     import transformers
 
-    config = read_config(local_dir)
-    cls_name, forward = _ARCHITECTURES[config.architectures[0]]
-    cls = getattr(transformers, cls_name)
+    cls = getattr(transformers, info.architecture)
     try:
         # safetensors when present; a .bin only through torch.load(weights_only=True),
         # which refuses any pickle that would run code. Never trust_remote_code.
-        module = cls.from_pretrained(
-            local_dir, dtype=dtype, attn_implementation="sdpa", weights_only=True, trust_remote_code=False
-        )
+        return cls.from_pretrained(
+            local_dir, dtype=dtype, attn_implementation="sdpa", weights_only=True, trust_remote_code=False)
     except Exception as exc:  # UnpicklingError, OSError, ValueError, size mismatches
-        if "Weights only load failed" in str(exc):
-            # torch's own text suggests weights_only=False: exactly what must not happen
-            raise ModelLoadError(
-                f"refused to load {local_dir!r}: its pickled weights hold objects other than "
-                "tensors (possibly code); convert the checkpoint to safetensors") from None
-        raise ModelLoadError(f"cannot load weights from {local_dir!r}: {exc}") from exc
-    module.to(device).eval()
-    logger.info("loaded %s (%s) on %s as %s", local_dir, config.architectures[0], device, dtype)
-    return LoadedModel(module, forward, config)
+        raise weights_error(local_dir, exc) from exc
+
+
+def weights_error(local_dir: str, exc: BaseException) -> ModelLoadError:
+    """A ModelLoadError for weights that failed to load, naming refused pickles as such."""
+    if "Weights only load failed" in str(exc):
+        # torch's own text suggests weights_only=False: exactly what must not happen
+        return ModelLoadError(
+            f"refused to load {local_dir!r}: its pickled weights hold objects other than "
+            "tensors (possibly code); convert the checkpoint to safetensors")
+    return ModelLoadError(f"cannot load weights from {local_dir!r}: {exc}")

@@ -65,3 +65,20 @@ def create_random_checkpoint(name: str, out_dir: str | Path, *, seed: int = 0, *
     (out / "preprocessor_config.json").write_text(json.dumps(entry["preprocessor_config"], indent=2))
     logger.info("wrote random-weight %s checkpoint to %s", name, out)
     return out
+
+
+def create_random_timm_checkpoint(name: str, out_dir: str | Path, *, seed: int = 0, **model_args) -> Path:
+    """Write a random-weight timm checkpoint of ``name`` (with its pretrained tag's config).
+
+    ``model_args`` (for example ``depth=2, embed_dim=64, num_heads=2``) shrink the
+    model for logic tests; they are recorded so the checkpoint loads back as saved.
+    """
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **model_args).eval()
+    out = Path(out_dir)
+    save_for_hf(model, out, safe_serialization=True, model_args=model_args or None)
+    logger.info("wrote random-weight timm %s checkpoint to %s", name, out)
+    return out

@@ -1,22 +1,19 @@
 """The scorer: preprocessed pixels in, top-k labels, scores and embeddings out.
 
-Preprocessing is the checkpoint's own image processor
-(``AutoImageProcessor.from_pretrained``; in transformers 5 that is the
-torchvision-backed processor), so resize, crop and normalisation are exactly
-the reference's. The activation is softmax, or sigmoid when the checkpoint's
-config says ``problem_type: multi_label_classification``.
+Pixels come from the checkpoint's own preprocessing (:mod:`.preprocess`). The
+activation is softmax, or sigmoid when the checkpoint's config says
+``problem_type: multi_label_classification``; top-k and activations are
+computed in fp32 whatever the model's dtype.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import torch
 
 from .loading import CheckpointRef, ModelLoadError, resolve_checkpoint
-from .model import LoadedModel, create_model, embedding_dim
+from .model import LoadedModel, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,31 +38,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_image_processor(local_dir: str):
-    """The checkpoint's own image processor, from its preprocessor_config.json."""
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(local_dir)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read preprocessing from {local_dir!r}: {exc}") from exc
-
-
-def preprocess(processor, images: Sequence) -> np.ndarray:
-    """RGB PIL images -> float32 array (N, 3, H, W), as the reference prepares them."""
-    if not images:
-        return np.zeros((0, 3, 0, 0), dtype=np.float32)
-    out = processor(images=list(images), return_tensors="pt")["pixel_values"]
-    return out.numpy().astype(np.float32, copy=False)
-
-
-def input_shape(processor) -> tuple[int, int, int]:
-    """(C, H, W) of what ``processor`` produces, found by running it once."""
-    from PIL import Image
-
-    return tuple(preprocess(processor, [Image.new("RGB", (32, 32))]).shape[1:])
-
-
 @dataclass
 class ScoreResult:
     """Scores for N images: ids and scores best first, embeddings float32."""
@@ -73,6 +45,7 @@ class ScoreResult:
     label_ids: np.ndarray  # (N, k) int32
     scores: np.ndarray  # (N, k) float32
     embedding: np.ndarray  # (N, D) float32
+    features: np.ndarray | None = None  # (N, T, D) float32 unpooled tokens, when asked for
 
 
 class Scorer:
@@ -83,13 +56,11 @@ class Scorer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: LoadedModel = create_model(ref.local_dir, self.device, self.dtype)
-        config = self.model.config
-        self.num_labels = int(config.num_labels)
-        self.top_k = min(top_k, self.num_labels)
-        self.embedding_dim = embedding_dim(config)
-        self.multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
-        id2label = getattr(config, "id2label", None) or {}
-        self.id2label = [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.num_labels)]
+        info = self.model.info
+        self.top_k = min(top_k, info.num_labels)
+        self.embedding_dim = info.embedding_dim
+        self.multi_label = info.multi_label
+        self.id2label = info.labels
 
     @property
     def activation(self) -> str:
@@ -97,8 +68,8 @@ class Scorer:
         return "sigmoid" if self.multi_label else "softmax"
 
     @torch.inference_mode()
-    def score(self, pixel_values: np.ndarray | torch.Tensor) -> ScoreResult:
-        """Score a batch of preprocessed pixels (N, 3, H, W)."""
+    def score(self, pixel_values: np.ndarray | torch.Tensor, token_features: bool = False) -> ScoreResult:
+        """Score a batch of preprocessed pixels (N, 3, H, W); optionally keep unpooled tokens."""
         x = torch.as_tensor(pixel_values).to(self.device, self.dtype, non_blocking=True)
         out = self.model(x)
         logits = out.logits.float()  # activations and top-k in fp32 whatever the model dtype
@@ -108,6 +79,7 @@ class Scorer:
             label_ids=ids.to(torch.int32).cpu().numpy(),
             scores=scores.cpu().numpy(),
             embedding=out.embedding.float().cpu().numpy(),
+            features=out.features.float().cpu().numpy() if token_features else None,
         )
 
     def labels(self, label_ids: np.ndarray) -> list[list[str]]:

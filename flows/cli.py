@@ -58,6 +58,8 @@ def _add_settings_options(parser: argparse.ArgumentParser, skip: tuple[str, ...]
         kwargs: dict = {"dest": name, "help": field.description}
         if typing.get_origin(ann) is typing.Literal:
             kwargs["choices"] = list(args)
+        elif ann is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif ann is int:
             kwargs["type"] = int
         elif ann is float:
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_settings(params: dict) -> ScoreSettings:
     """Validate parameters, model and input before anything starts; UsageError if bad."""
-    from deit_model import ModelLoadError, read_config, resolve_checkpoint
+    from deit_model import ModelLoadError, inspect_checkpoint, resolve_checkpoint
     from tasks.enumerate import list_images
 
     try:
@@ -133,7 +135,7 @@ def check_settings(params: dict) -> ScoreSettings:
     except ValidationError as exc:
         raise UsageError(format_validation_error(exc)) from None
     try:
-        read_config(resolve_checkpoint(settings.model, settings.revision, settings.storage_options).local_dir)
+        inspect_checkpoint(resolve_checkpoint(settings.model, settings.revision, settings.storage_options).local_dir)
         next(iter(list_images(settings.input, settings.storage_options)), None)
     except (ModelLoadError, OSError) as exc:
         raise UsageError(str(exc)) from None

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from deit_model import DecodeError, decode_image, input_shape, preprocess
+from deit_model import DecodeError, Preprocessor, decode_image
 from deit_model.decode import NOT_FOUND, READ_ERROR
 
 from . import storage
@@ -19,9 +19,15 @@ logger = logging.getLogger(__name__)
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, processor, max_pixels: int, storage_options: dict[str, Any]
+    batch: dict[str, np.ndarray], *, preprocessor: Preprocessor, max_pixels: int, fast_decode: bool,
+    storage_options: dict[str, Any],
 ) -> dict[str, np.ndarray]:
-    """Add ``pixel_values``, ``error_type`` and ``error_message`` to a plan batch."""
+    """Add ``decoded``, ``pixel_values``, ``error_type`` and ``error_message`` to a plan batch.
+
+    ``decoded`` is the one flag the scorer trusts: an all-None ``error_type``
+    column comes back from Arrow as NaN, not None.
+    """
+    draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
     n = len(uris)
     errors: list[tuple[str, str] | None] = [None] * n
@@ -32,12 +38,13 @@ def decode_batch(
             errors[i] = (kind, str(data))
             continue
         try:
-            images[i] = decode_image(data, max_pixels=max_pixels)
+            images[i] = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
         except DecodeError as exc:
             errors[i] = (exc.error_type, str(exc))
-    pixels = np.zeros((n, *input_shape(processor)), dtype=np.float32)
-    _preprocess_into(pixels, images, processor, errors)
+    pixels = np.zeros((n, *_input_shape(preprocessor)), dtype=np.float32)
+    _preprocess_into(pixels, images, preprocessor, errors)
     out = dict(batch)
+    out["decoded"] = np.array([e is None for e in errors], dtype=bool)
     out["pixel_values"] = pixels
     out["error_type"] = np.array([e[0] if e else None for e in errors], dtype=object)
     out["error_message"] = np.array([e[1] if e else None for e in errors], dtype=object)
@@ -52,17 +59,28 @@ def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSEr
     return [data[p] for p in paths]
 
 
-def _preprocess_into(pixels: np.ndarray, images: dict[int, Any], processor, errors: list) -> None:
+_SHAPES: dict[int, tuple] = {}  # per worker process: preprocessor -> output shape
+
+
+def _input_shape(preprocessor: Preprocessor) -> tuple:
+    key = id(preprocessor)
+    if key not in _SHAPES:
+        _SHAPES.clear()  # one preprocessor per run; do not grow across runs
+        _SHAPES[key] = preprocessor.input_shape()
+    return _SHAPES[key]
+
+
+def _preprocess_into(pixels: np.ndarray, images: dict[int, Any], preprocessor, errors: list) -> None:
     if not images:
         return
     idx = list(images)
     try:
-        pixels[idx] = preprocess(processor, [images[i] for i in idx])
+        pixels[idx] = preprocessor([images[i] for i in idx])
         return
     except Exception:  # noqa: BLE001 - isolate the image that broke the batch
         logger.debug("batched preprocessing failed; retrying image by image", exc_info=True)
     for i in idx:
         try:
-            pixels[i] = preprocess(processor, [images[i]])[0]
+            pixels[i] = preprocessor([images[i]])[0]
         except Exception as exc:  # noqa: BLE001 - becomes this row's error
             errors[i] = ("preprocess_error", f"{type(exc).__name__}: {exc}")

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from deit_model import CheckpointRef, embedding_dim, load_image_processor, read_config
+from deit_model import CheckpointRef, Preprocessor, embedding_dim, load_preprocessor
 
 from .decode import decode_batch
 from .ray_cluster import cluster_resources
+from .schema import OutputSpec
 from .score import ScoringActor
 from .settings import ScoreSettings
 from .write import DatasetWriter, WriteResult
@@ -60,7 +61,7 @@ def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placeme
                      settings.cpus_per_actor)
 
 
-def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, processor,
+def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
                  writer: DatasetWriter, run_id: str) -> WriteResult:
     """Score every row of ``plan`` and stream the results into ``writer``."""
     import ray.data
@@ -79,7 +80,8 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
     ds = ds.map_batches(
         decode_batch, batch_format="numpy", batch_size=None, num_cpus=settings.decode_cpus,
         memory=DECODE_TASK_MEMORY, udf_modifying_row_count=False,
-        fn_kwargs={"processor": processor, "max_pixels": settings.max_pixels,
+        fn_kwargs={"preprocessor": preprocessor, "max_pixels": settings.max_pixels,
+                   "fast_decode": settings.fast_decode,
                    "storage_options": settings.storage_options})
     ds = ds.map_batches(
         ScoringActor, batch_format="numpy", batch_size=settings.batch_size, udf_modifying_row_count=False,
@@ -90,7 +92,8 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
             # disk; on a remote cluster they resolve the original reference themselves
             "model": ref.source, "revision": settings.revision, "device": placement.device,
             "dtype": settings.dtype, "top_k": settings.top_k,
-            "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name})
+            "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name,
+            "spec": writer.spec})
     progress = _Progress(plan.num_rows)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         writer.write(batch)
@@ -119,20 +122,21 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, plan: pa.Table) 
     """Run the pipeline for a planned run inside a Ray session."""
     from .ray_cluster import ray_session
 
-    processor = load_image_processor(ref.local_dir)
-    preprocessing = processor.to_dict()
+    preprocessor = load_preprocessor(ref.local_dir)
     metadata = {"model": ref.name, "model_revision": ref.revision or "",
-                "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str)}
+                "preprocessing": json.dumps(preprocessor.to_dict(), sort_keys=True, default=str),
+                "fast_decode": str(settings.fast_decode).lower()}
+    spec = OutputSpec(embedding_dim(ref.local_dir), float16=settings.embedding_dtype == "float16",
+                      token_features=settings.token_features)
     writer = DatasetWriter(settings.output, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
-                           embedding_dim=embedding_dim(read_config(ref.local_dir)),
-                           rows_per_file=settings.rows_per_file, storage_options=settings.storage_options,
-                           metadata=metadata)
+                           spec=spec, rows_per_file=settings.rows_per_file,
+                           storage_options=settings.storage_options, metadata=metadata)
     if plan.num_rows == 0:
         result = writer.close()
     else:
         try:
             with ray_session(settings.resolved_ray_address()):
-                result = run_pipeline(settings, plan, ref, processor, writer, run.run_id)
+                result = run_pipeline(settings, plan, ref, preprocessor, writer, run.run_id)
         except BaseException:
             writer.abort()
             raise

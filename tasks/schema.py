@@ -14,6 +14,7 @@ columns inside the files: a key that is also a file column makes
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -36,19 +37,34 @@ _RUN_FIELDS = [
 ]
 
 
-def predictions_schema(embedding_dim: int) -> pa.Schema:
-    """Schema of the predictions table for a model with ``embedding_dim`` features."""
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a run's predictions hold: embedding width and type, token features or not."""
+
+    embedding_dim: int
+    float16: bool = False  # embeddings (and token features) as float16 to halve their size
+    token_features: bool = False  # keep the unpooled final-norm tokens (large: T x D per image)
+
+    @property
+    def value_type(self) -> pa.DataType:
+        return pa.float16() if self.float16 else pa.float32()
+
+
+def predictions_schema(spec: OutputSpec) -> pa.Schema:
+    """Schema of the predictions table."""
     fields = [
         pa.field("uri", pa.string(), nullable=False),
         pa.field("label_ids", pa.list_(pa.int32())),  # best first
         pa.field("labels", pa.list_(pa.string())),
         pa.field("scores", pa.list_(pa.float32())),  # sorted descending
         pa.field("activation", pa.string()),  # softmax or sigmoid
-        pa.field("embedding", pa.list_(pa.float32(), embedding_dim)),
+        pa.field("embedding", pa.list_(spec.value_type, spec.embedding_dim)),
         *_RUN_FIELDS,
         pa.field("scored_at", TS, nullable=False),
         *list(PLAN_SCHEMA)[1:],
     ]
+    if spec.token_features:
+        fields.append(pa.field("token_features", pa.list_(pa.list_(spec.value_type, spec.embedding_dim))))
     return pa.schema(fields, metadata={b"deit_scoring.schema_version": SCHEMA_VERSION.encode()})
 
 
@@ -69,22 +85,23 @@ ERRORS_SCHEMA = pa.schema(
 ERROR_COLUMNS = ("error_type", "error_message")
 
 
-def scored_schema(embedding_dim: int) -> pa.Schema:
+def scored_schema(spec: OutputSpec) -> pa.Schema:
     """Schema of a scoring actor's output batch."""
-    schema = predictions_schema(embedding_dim)
+    schema = predictions_schema(spec)
     for name in ERROR_COLUMNS:
         schema = schema.append(pa.field(name, pa.string()))
     return schema
 
 
-def split_scored(batch: pa.Table, embedding_dim: int) -> tuple[pa.Table, pa.Table]:
+def split_scored(batch: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table]:
     """Split an actor's output into (predictions, errors) tables."""
     import pyarrow.compute as pc
 
+    schema = predictions_schema(spec)
     failed = pc.is_valid(batch["error_type"])
-    preds = batch.filter(pc.invert(failed)).select(predictions_schema(embedding_dim).names)
+    preds = batch.filter(pc.invert(failed)).select(schema.names)
     errs = batch.filter(failed).rename_columns({"scored_at": "failed_at"}).select(ERRORS_SCHEMA.names)
-    return preds.cast(predictions_schema(embedding_dim)), errs.cast(ERRORS_SCHEMA)
+    return preds.cast(schema), errs.cast(ERRORS_SCHEMA)
 
 
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

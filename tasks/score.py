@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from deit_model import create_scorer
 
-from .schema import ERROR_COLUMNS, scored_schema
+from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
 
 logger = logging.getLogger(__name__)
 
@@ -18,27 +18,16 @@ class ScoringActor:
     """Loads the model once per actor; each call scores one batch of decoded rows."""
 
     def __init__(self, *, model: str, revision: str | None, device: str, dtype: str, top_k: int,
-                 storage_options: dict, run_id: str, model_name: str):
+                 storage_options: dict, run_id: str, model_name: str, spec: OutputSpec):
         self.scorer = create_scorer(model, revision=revision, device=device, dtype=dtype,
                                     top_k=top_k, storage_options=storage_options)
-        self.run_id = run_id
-        self.model_name = model_name
-        self.schema = scored_schema(self.scorer.embedding_dim)
+        self.run_id, self.model_name, self.spec = run_id, model_name, spec
+        self.schema = scored_schema(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
-        ok = np.array([e is None for e in batch["error_type"]], dtype=bool)
-        result = self.scorer.score(batch["pixel_values"][ok]) if ok.any() else None
-        cols = {name: [None] * n for name in ("label_ids", "labels", "scores", "embedding", "activation")}
-        if result is not None:
-            rows = np.flatnonzero(ok)
-            labels = self.scorer.labels(result.label_ids)
-            for j, i in enumerate(rows):
-                cols["label_ids"][i] = result.label_ids[j]
-                cols["labels"][i] = labels[j]
-                cols["scores"][i] = result.scores[j]
-                cols["embedding"][i] = result.embedding[j]
-                cols["activation"][i] = self.scorer.activation
+        ok = np.asarray(batch["decoded"], dtype=bool)
+        cols = self._prediction_columns(batch["pixel_values"], ok)
         now = datetime.now(timezone.utc)
         data = {
             "uri": batch["uri"], **cols,
@@ -51,8 +40,53 @@ class ScoringActor:
         return pa.Table.from_pydict({k: _arrow(v, self.schema.field(k).type) for k, v in data.items()},
                                     schema=self.schema)
 
+    def _prediction_columns(self, pixels: np.ndarray, ok: np.ndarray) -> dict[str, pa.Array]:
+        """Score the decodable rows; error rows get nulls in every prediction column."""
+        n, k, dim = len(ok), self.scorer.top_k, self.spec.embedding_dim
+        ids, scores = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
+        emb, feats = np.zeros((n, dim), np.float32), None
+        labels: list = [None] * n
+        if ok.any():
+            rows = np.flatnonzero(ok)
+            result = self.scorer.score(pixels[ok], token_features=self.spec.token_features)
+            ids[rows], scores[rows], emb[rows] = result.label_ids, result.scores, result.embedding
+            for row, names in zip(rows, self.scorer.labels(result.label_ids)):
+                labels[row] = names
+            if result.features is not None:
+                feats = np.zeros((n, *result.features.shape[1:]), np.float32)
+                feats[rows] = result.features
+        null = pa.array(~ok)
+        value_np = np.float16 if self.spec.float16 else np.float32
+        cols = {
+            "label_ids": _lists(ids, null), "labels": pa.array(labels, pa.list_(pa.string())),
+            "scores": _lists(scores, null),
+            "activation": pa.array([self.scorer.activation if o else None for o in ok], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(value_np).ravel()), dim, mask=null),
+        }
+        if self.spec.token_features:
+            cols["token_features"] = _token_lists(feats, n, dim, value_np, null)
+        return cols
+
+
+def _lists(values: np.ndarray, null: pa.Array) -> pa.Array:
+    """(N, k) array -> list<...> array of N rows, null where ``null``."""
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.ravel()), mask=null)
+
+
+def _token_lists(feats: np.ndarray | None, n: int, dim: int, value_np, null: pa.Array) -> pa.Array:
+    """(N, T, D) tokens -> list<fixed_size_list<D>> of N rows; None means every row failed."""
+    if feats is None:
+        feats = np.zeros((n, 0, dim), np.float32)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(feats.astype(value_np).ravel()), dim)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * feats.shape[1])
+    return pa.ListArray.from_arrays(offsets, flat, mask=null)
+
 
 def _arrow(values, typ: pa.DataType) -> pa.Array:
+    if isinstance(values, pa.Array):
+        return values if values.type == typ else values.cast(typ)
     if isinstance(values, np.ndarray) and values.dtype != object:
         # Passthrough columns came through numpy: nulls are NaN/NaT there and
         # timestamps lost their time zone, so convert pandas-style, then cast.

@@ -39,6 +39,12 @@ class ScoreSettings(BaseModel):
     ray_address: Optional[str] = Field(
         None, description="address of an existing Ray cluster (RAY_ADDRESS also works); unset starts a local one")
     run_id: Optional[str] = Field(None, description="id for this run; generated from the time when unset")
+    token_features: bool = Field(
+        False, description="also write the unpooled final-norm token features (T x D floats per image)")
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="storage type of embeddings (and token features); float16 halves their size")
+    fast_decode: bool = Field(
+        False, description="decode JPEGs at reduced scale (DCT domain); faster, changes pixels slightly")
     max_pixels: int = Field(178_956_970, ge=1, description="images with more pixels are rejected as too large")
     rows_per_file: int = Field(50_000, ge=100, description="rows per Parquet file before a new file is started")
     storage_options: dict[str, Any] = Field(

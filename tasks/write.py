@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .schema import ERRORS_SCHEMA, partition_dir, predictions_schema, split_scored
+from .schema import ERRORS_SCHEMA, OutputSpec, partition_dir, predictions_schema, split_scored
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +70,14 @@ class DatasetWriter:
     """Splits actor output into the predictions and errors tables and writes both."""
 
     def __init__(self, output: str, *, model_name: str, run_id: str, run_date: str,
-                 embedding_dim: int, rows_per_file: int, storage_options: dict | None = None,
+                 spec: OutputSpec, rows_per_file: int, storage_options: dict | None = None,
                  metadata: dict[str, str] | None = None):
         fs, root = storage.filesystem(output, storage_options)
-        self.embedding_dim = embedding_dim
+        self.spec = spec
         self.result = WriteResult()
         # run facts (model revision, preprocessing) ride along in every file's footer
         extra = {f"deit_scoring.{k}".encode(): v.encode() for k, v in (metadata or {}).items()}
-        preds_schema = predictions_schema(embedding_dim)
+        preds_schema = predictions_schema(spec)
         self.preds = _RollingFile(fs, partition_dir(root, "predictions", model_name, run_date),
                                   preds_schema.with_metadata({**preds_schema.metadata, **extra}),
                                   run_id, rows_per_file)
@@ -87,7 +87,7 @@ class DatasetWriter:
 
     def write(self, batch: pa.Table) -> None:
         """Write one actor output batch."""
-        preds, errs = split_scored(batch, self.embedding_dim)
+        preds, errs = split_scored(batch, self.spec)
         self.preds.write(preds)
         self.errors.write(errs)
         self.result.scored += preds.num_rows

@@ -20,6 +20,11 @@ def test_run_prints_summary_and_exits_0(ray_cluster, prefect_harness, tiny_check
     assert code == EXIT_OK
     assert "completed" in out and "8 listed, 8 scored, 0 failed" in out
     assert f"{tmp_path / 'o'}/predictions" in out and "read_parquet(" in out
+    # a batch with no failed image at all: every row is a real prediction
+    preds = ds.dataset(tmp_path / "o" / "predictions", partitioning="hive").to_table()
+    assert preds.num_rows == 8
+    for column in ("label_ids", "labels", "scores", "embedding", "activation"):
+        assert preds[column].null_count == 0, column
 
 
 def test_run_that_fails_exits_1(ray_cluster, prefect_harness, tiny_checkpoint, image_dir, tmp_path, capsys):

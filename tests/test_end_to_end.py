@@ -7,6 +7,7 @@ import json
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 import torch
@@ -40,6 +41,8 @@ def _reference_topk(ckpt, images):
 def _check_output(read_dataset, listed, ckpt, load_bytes, summary):
     preds, errs = read_dataset("predictions"), read_dataset("errors")
     pred_uris, err_uris = preds["uri"].to_pylist(), errs["uri"].to_pylist()
+    for column in ("label_ids", "labels", "scores", "embedding", "activation"):
+        assert preds[column].null_count == 0, column
     # every listed image exactly once, in predictions or in errors
     assert sorted(pred_uris + err_uris) == sorted(listed)
     assert len(set(pred_uris)) == len(pred_uris) and not set(pred_uris) & set(err_uris)
@@ -148,3 +151,41 @@ def test_failed_run_leaves_a_failed_manifest_and_no_parts(ray_cluster, prefect_h
     manifest = json.loads(manifest_path.read_text())
     assert manifest["status"] == "failed" and manifest["message"]
     assert not list(out.glob("predictions/**/*.parquet")) and not list(out.glob("errors/**/*.parquet"))
+
+
+def test_timm_cait_with_token_features_and_float16(ray_cluster, prefect_harness, image_dir, tmp_path):
+    """A timm checkpoint through the whole pipeline: timm's preprocessing, float16 storage, tokens."""
+    pytest.importorskip("timm")
+    import timm
+    from safetensors.torch import load_file
+
+    from deit_model import create_random_timm_checkpoint
+
+    args = dict(depth=2, embed_dim=48, num_heads=2, depth_token_only=1)
+    ckpt = create_random_timm_checkpoint("cait_m36_384.fb_dist_in1k", tmp_path / "cait", **args)
+    out = tmp_path / "out"
+    _run_flow(input=str(image_dir / "photos"), output=str(out), model=str(ckpt), top_k=TOP_K, batch_size=4,
+              cpus_per_actor=0.5, decode_cpus=0.5, token_features=True, embedding_dtype="float16")
+    table = ds.dataset(out / "predictions", partitioning="hive").to_table()
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 48)
+    assert table.schema.field("token_features").type == pa.list_(pa.list_(pa.float16(), 48))
+    rows = sorted(table.to_pylist(), key=lambda r: r["uri"])
+    assert all(len(r["token_features"]) == 577 for r in rows)  # 576 patches + class token at 384
+    # the same images through timm's own recipe
+    model = timm.create_model("cait_m36_384.fb_dist_in1k", pretrained=False, **args).eval()
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    x = torch.stack([transform(Image.open(r["uri"][len("file://"):]).convert("RGB")) for r in rows])
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        scores, ids = model.forward_head(feats).softmax(-1).topk(TOP_K)
+        emb = model.forward_head(feats, pre_logits=True)
+    np.testing.assert_array_equal(np.array([r["label_ids"] for r in rows]), ids.numpy())
+    np.testing.assert_allclose(np.array([r["scores"] for r in rows]), scores.numpy(), atol=1e-5)
+    ours = np.array([r["embedding"] for r in rows], dtype=np.float32)
+    np.testing.assert_allclose(ours, emb.numpy(), rtol=2e-3, atol=2e-3)  # float16 storage
+    # DuckDB reads float16 as FLOAT, Polars natively
+    q = f"select len(token_features) n, embedding from read_parquet('{out}/predictions/**/*.parquet', hive_partitioning=true)"
+    assert {r[0] for r in duckdb.sql(q).fetchall()} == {577}
+    assert pl.read_parquet(f"{out}/predictions/**/*.parquet", hive_partitioning=True).schema["embedding"] == \
+        pl.Array(pl.Float16, 48)

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from tasks.pipeline import ResourceError, plan_placement
-from tasks.schema import ERRORS_SCHEMA, model_slug, partition_dir, predictions_schema, scored_schema, split_scored
+from tasks.schema import (ERRORS_SCHEMA, OutputSpec, model_slug, partition_dir, predictions_schema, scored_schema,
+                          split_scored)
 from tasks.settings import ScoreSettings
 
 
@@ -17,18 +18,49 @@ def test_model_slug_and_partition_dir():
 
 
 def test_partition_keys_are_not_file_columns():
-    names = set(predictions_schema(8).names) | set(ERRORS_SCHEMA.names)
+    names = set(predictions_schema(OutputSpec(8)).names) | set(ERRORS_SCHEMA.names)
     assert not names & {"model_slug", "run_date"}
-    assert predictions_schema(8).field("embedding").type == pa.list_(pa.float32(), 8)
+    assert predictions_schema(OutputSpec(8)).field("embedding").type == pa.list_(pa.float32(), 8)
+
+
+def test_score_actor_trusts_the_decoded_flag_not_error_type():
+    """Ray hands an all-None error_type column back as NaN: rows must still be scored."""
+    import numpy as np
+
+    from tasks.score import ScoringActor
+
+    class _Scorer:  # the model is not what this checks
+        top_k, activation, ref = 1, "softmax", type("R", (), {"revision": None})
+
+        def score(self, pixels, token_features=False):
+            from deit_model import ScoreResult
+
+            n = len(pixels)
+            return ScoreResult(np.zeros((n, 1), np.int32), np.ones((n, 1), np.float32), np.ones((n, 2), np.float32))
+
+        def labels(self, ids):
+            return [["x"] for _ in ids]
+
+    actor = object.__new__(ScoringActor)
+    actor.scorer, actor.run_id, actor.model_name, actor.spec = _Scorer(), "r", "m", OutputSpec(2)
+    actor.schema = scored_schema(OutputSpec(2))
+    batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),
+             "pixel_values": np.zeros((2, 3, 4, 4), np.float32),
+             "error_type": np.array([np.nan, np.nan]), "error_message": np.array([np.nan, np.nan]),
+             "source_size": np.array([1.0, np.nan]), "source_etag": np.array([None, None], object),
+             "source_mtime": np.array(["2026-01-01", "NaT"], dtype="datetime64[us]")}
+    preds, errs = split_scored(actor(batch), OutputSpec(2))
+    assert preds.num_rows == 2 and errs.num_rows == 0 and preds["label_ids"].null_count == 0
+    assert preds["source_size"].to_pylist() == [1, None] and preds["source_mtime"].null_count == 1
 
 
 def test_split_scored_routes_rows():
-    schema = scored_schema(2)
+    schema = scored_schema(OutputSpec(2))
     rows = {n: [None, None] for n in schema.names}
     rows.update(uri=["a", "b"], model=["m", "m"], run_id=["r", "r"], scored_at=[0, 0],
                 label_ids=[[1], None], labels=[["x"], None], scores=[[0.5], None],
                 embedding=[[1.0, 2.0], None], error_type=[None, "corrupt_image"], error_message=[None, "bad"])
-    preds, errs = split_scored(pa.table(rows, schema=schema), 2)
+    preds, errs = split_scored(pa.table(rows, schema=schema), OutputSpec(2))
     assert preds["uri"].to_pylist() == ["a"] and errs["uri"].to_pylist() == ["b"]
     assert errs.schema.equals(ERRORS_SCHEMA) and errs["error_type"].to_pylist() == ["corrupt_image"]
 

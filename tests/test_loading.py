@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from deit_model import ModelLoadError, read_config, resolve_checkpoint
+from deit_model import ModelLoadError, inspect_checkpoint, resolve_checkpoint
 
 
 def test_local_directory_is_absolute_and_named(tiny_checkpoint, monkeypatch):
@@ -44,7 +44,7 @@ def test_unsupported_architecture(tmp_path, tiny_checkpoint):
     cfg["architectures"] = ["BertModel"]
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="not supported"):
-        read_config(resolve_checkpoint(str(other)).local_dir)
+        inspect_checkpoint(resolve_checkpoint(str(other)).local_dir)
 
 
 def test_checkpoint_from_s3_is_fetched_once(tiny_checkpoint, s3fs_client, s3_bucket, s3_server):
@@ -52,7 +52,7 @@ def test_checkpoint_from_s3_is_fetched_once(tiny_checkpoint, s3fs_client, s3_buc
     uri = f"s3://{s3_bucket}/models/tiny"
     ref = resolve_checkpoint(uri, storage_options={"endpoint_url": s3_server})
     assert ref.name == "tiny" and ref.source == uri
-    assert (read_config(ref.local_dir).hidden_size == 64)
+    assert inspect_checkpoint(ref.local_dir).embedding_dim == 64
     s3fs_client.rm(f"{s3_bucket}/models/tiny", recursive=True)  # cached: no second download
     again = resolve_checkpoint(uri, storage_options={"endpoint_url": s3_server})
     assert again.local_dir == ref.local_dir
@@ -93,14 +93,14 @@ def test_bin_weights_load_with_weights_only(tmp_path, tiny_checkpoint, photos):
     from PIL import Image
     from safetensors.torch import load_file
 
-    from deit_model import create_scorer, load_image_processor, preprocess
+    from deit_model import create_scorer, load_preprocessor
 
     binary = tmp_path / "bin"
     binary.mkdir()
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(tiny_checkpoint / name, binary)
     torch.save(load_file(tiny_checkpoint / "model.safetensors"), binary / "pytorch_model.bin")
-    px = preprocess(load_image_processor(str(tiny_checkpoint)), [Image.open(photos / "china.jpg").convert("RGB")])
+    px = load_preprocessor(str(tiny_checkpoint))([Image.open(photos / "china.jpg").convert("RGB")])
     a = create_scorer(str(tiny_checkpoint), device="cpu", dtype="fp32").score(px)
     b = create_scorer(str(binary), device="cpu", dtype="fp32").score(px)
     np.testing.assert_array_equal(a.label_ids, b.label_ids)

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import (AutoImageProcessor, AutoModelForImageClassification, DeiTModel, ViTModel,
                           pipeline)
 
-from deit_model import create_random_checkpoint, create_scorer, load_image_processor, preprocess
+from deit_model import create_random_checkpoint, create_scorer, load_preprocessor
 
 from .conftest import TINY_OVERRIDES
 
@@ -34,7 +34,7 @@ def _reference(ckpt, images):
 def test_distilled_matches_transformers(tiny_checkpoint, photos):
     images = _photos(photos)
     scorer = create_scorer(str(tiny_checkpoint), top_k=5, device="cpu", dtype="fp32")
-    ours = scorer.score(preprocess(load_image_processor(str(tiny_checkpoint)), images))
+    ours = scorer.score(load_preprocessor(str(tiny_checkpoint))(images))
     probs = _reference(tiny_checkpoint, images).softmax(-1)
     ref_scores, ref_ids = probs.topk(5)
     assert np.array_equal(ours.label_ids, ref_ids.numpy())
@@ -57,7 +57,7 @@ def test_distilled_matches_transformers_pipeline(tiny_checkpoint, photos):
     pipe = pipeline("image-classification", model=str(tiny_checkpoint), device="cpu")
     ref = pipe(images, top_k=3)
     scorer = create_scorer(str(tiny_checkpoint), top_k=3, device="cpu", dtype="fp32")
-    ours = scorer.score(preprocess(load_image_processor(str(tiny_checkpoint)), images))
+    ours = scorer.score(load_preprocessor(str(tiny_checkpoint))(images))
     for i, row in enumerate(ref):
         assert [r["label"] for r in row] == scorer.labels(ours.label_ids)[i]
         np.testing.assert_allclose([r["score"] for r in row], ours.scores[i], atol=1e-5)
@@ -67,9 +67,9 @@ def test_non_distilled_vit_class_checkpoint(tmp_path, photos):
     ckpt = create_random_checkpoint("facebook/deit-tiny-patch16-224", tmp_path / "vit", **TINY_OVERRIDES)
     images = _photos(photos)
     scorer = create_scorer(str(ckpt), top_k=4, device="cpu", dtype="fp32")
-    processor = load_image_processor(str(ckpt))
-    assert list(processor.image_mean) == [0.5, 0.5, 0.5]  # its own preprocessing, not ImageNet's
-    ours = scorer.score(preprocess(processor, images))
+    processor = load_preprocessor(str(ckpt))
+    assert list(processor.to_dict()["image_mean"]) == [0.5, 0.5, 0.5]  # its own preprocessing, not ImageNet's
+    ours = scorer.score(processor(images))
     ref_scores, ref_ids = _reference(ckpt, images).softmax(-1).topk(4)
     assert np.array_equal(ours.label_ids, ref_ids.numpy())
     np.testing.assert_allclose(ours.scores, ref_scores.numpy(), atol=1e-5)
@@ -85,7 +85,7 @@ def test_multi_label_checkpoint_uses_sigmoid(tmp_path, photos):
         problem_type="multi_label_classification", **TINY_OVERRIDES)
     images = _photos(photos)[:2]
     scorer = create_scorer(str(ckpt), top_k=4, device="cpu", dtype="fp32")
-    ours = scorer.score(preprocess(load_image_processor(str(ckpt)), images))
+    ours = scorer.score(load_preprocessor(str(ckpt))(images))
     assert scorer.activation == "sigmoid"
     ref = torch.sigmoid(_reference(ckpt, images))
     np.testing.assert_allclose(np.sort(ours.scores, axis=1), np.sort(ref.numpy(), axis=1), atol=1e-5)
@@ -96,7 +96,7 @@ def test_full_size_base_shapes(tmp_path, photos):
     """One full-size configuration: DeiT-base distilled, 768-d embedding, 198 tokens."""
     ckpt = create_random_checkpoint("facebook/deit-base-distilled-patch16-224", tmp_path / "base")
     scorer = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32")
-    px = preprocess(load_image_processor(str(ckpt)), _photos(photos)[:1])
+    px = load_preprocessor(str(ckpt))(_photos(photos)[:1])
     assert px.shape == (1, 3, 224, 224)
     out = scorer.model(torch.as_tensor(px))
     assert out.features.shape == (1, 198, 768)
@@ -107,7 +107,7 @@ def test_full_size_base_shapes(tmp_path, photos):
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_low_precision_on_cpu_agrees_roughly(tiny_checkpoint, photos, dtype):
     images = _photos(photos)
-    px = preprocess(load_image_processor(str(tiny_checkpoint)), images)
+    px = load_preprocessor(str(tiny_checkpoint))(images)
     fp32 = create_scorer(str(tiny_checkpoint), top_k=1, device="cpu", dtype="fp32").score(px)
     low = create_scorer(str(tiny_checkpoint), top_k=1, device="cpu", dtype=dtype).score(px)
     assert low.scores.dtype == np.float32 and low.embedding.dtype == np.float32

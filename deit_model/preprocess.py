@@ -1,0 +1,103 @@
+"""Preprocessing, read from the checkpoint and run exactly as its library runs it.
+
+* transformers checkpoints: ``AutoImageProcessor.from_pretrained`` (in
+  transformers 5 the torchvision-backed processor), from
+  ``preprocessor_config.json``;
+* timm checkpoints: ``create_transform(**resolve_data_config(...))`` from the
+  checkpoint's ``pretrained_cfg``.
+
+Preprocessors are plain picklable objects, so the pipeline ships them to its
+CPU decode workers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .loading import ModelLoadError
+from .model import inspect_checkpoint
+
+
+class Preprocessor:
+    """RGB PIL images -> float32 array (N, 3, H, W)."""
+
+    def __call__(self, images: Sequence) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """The preprocessing configuration, for the output's lineage."""
+        raise NotImplementedError
+
+    def min_decode_side(self) -> int:
+        """Smallest side an image may be decoded to without the resize step upsampling it."""
+        raise NotImplementedError
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the output, found by running once on a blank image."""
+        from PIL import Image
+
+        return tuple(self([Image.new("RGB", (32, 32))]).shape[1:])
+
+
+class HFPreprocessor(Preprocessor):
+    """A transformers image processor."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, images: Sequence) -> np.ndarray:
+        if not images:
+            return np.zeros((0, *self.input_shape()), dtype=np.float32)
+        out = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return out.numpy().astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict:
+        return {"library": "transformers", "class": type(self.processor).__name__, **self.processor.to_dict()}
+
+    def min_decode_side(self) -> int:
+        size = dict(getattr(self.processor, "size", None) or {})
+        sides = [size[k] for k in ("height", "width", "shortest_edge") if size.get(k)]
+        if not sides:  # no resize step: decoded size is what the model sees
+            crop = dict(getattr(self.processor, "crop_size", None) or {})
+            sides = [crop.get("height", 0), crop.get("width", 0)]
+        return int(max(sides))
+
+
+class TimmPreprocessor(Preprocessor):
+    """timm's eval transform for a checkpoint's data config."""
+
+    def __init__(self, config: dict):
+        from .timm_backend import create_transform
+
+        self.config = config
+        self.transform = create_transform(config)
+
+    def __call__(self, images: Sequence) -> np.ndarray:
+        import torch
+
+        if not images:
+            return np.zeros((0, *self.config["input_size"]), dtype=np.float32)
+        return torch.stack([self.transform(img) for img in images]).numpy().astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict:
+        return {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}}
+
+    def min_decode_side(self) -> int:
+        # timm resizes the shortest edge to input_size / crop_pct before cropping
+        return int(math.floor(max(self.config["input_size"][1:]) / self.config.get("crop_pct", 1.0)))
+
+
+def load_preprocessor(local_dir: str) -> Preprocessor:
+    """The checkpoint's own preprocessing."""
+    if inspect_checkpoint(local_dir).backend == "timm":
+        from .timm_backend import data_config
+
+        return TimmPreprocessor(data_config(local_dir))
+    from transformers import AutoImageProcessor
+
+    try:
+        return HFPreprocessor(AutoImageProcessor.from_pretrained(local_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read preprocessing from {local_dir!r}: {exc}") from exc

@@ -1,0 +1,82 @@
+"""timm checkpoints scored exactly as timm scores them (the model cards' recipes)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+timm = pytest.importorskip("timm")
+
+from deit_model import create_random_timm_checkpoint, create_scorer, inspect_checkpoint, load_preprocessor  # noqa: E402
+
+SMALL = {
+    "deit_base_distilled_patch16_224.fb_in1k": dict(depth=2, embed_dim=64, num_heads=2),
+    "cait_m36_384.fb_dist_in1k": dict(depth=2, embed_dim=48, num_heads=2, depth_token_only=1),
+}
+
+
+def _photos(photos):
+    return [Image.open(p).convert("RGB") for p in sorted(photos.iterdir())]
+
+
+def _timm_reference(name, ckpt, args, images, top_k):
+    """The model card's recipe: create_model, resolve_data_config, create_transform, softmax, topk."""
+    model = timm.create_model(name, pretrained=False, **args).eval()
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**config, is_training=False)
+    x = torch.stack([transform(img) for img in images])
+    with torch.no_grad():
+        probs = model(x).softmax(dim=1)
+        embedding = model.forward_head(model.forward_features(x), pre_logits=True)
+        headless = timm.create_model(name, pretrained=False, num_classes=0, **args).eval()
+        headless.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head")})
+        pooled = headless(x)
+    scores, ids = torch.topk(probs, k=top_k)
+    return x.numpy(), ids.numpy(), scores.numpy(), embedding.numpy(), pooled.numpy()
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_timm_models_match_timm(name, tmp_path, photos):
+    args = SMALL[name]
+    ckpt = create_random_timm_checkpoint(name, tmp_path / "ckpt", **args)
+    images = _photos(photos)
+    ref_x, ref_ids, ref_scores, ref_emb, ref_pooled = _timm_reference(name, ckpt, args, images, top_k=5)
+
+    pre = load_preprocessor(str(ckpt))
+    x = pre(images)
+    np.testing.assert_array_equal(x, ref_x)  # timm's own transform, bit for bit
+    scorer = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32")
+    ours = scorer.score(x)
+    np.testing.assert_array_equal(ours.label_ids, ref_ids)
+    np.testing.assert_allclose(ours.scores, ref_scores, atol=1e-5)
+    np.testing.assert_allclose(ours.embedding, ref_emb, atol=1e-5)
+    np.testing.assert_allclose(ours.embedding, ref_pooled, atol=1e-5)  # == num_classes=0 output
+    # timm's ImageNet names, no download
+    assert scorer.labels(ours.label_ids)[0][0] == timm.data.ImageNetInfo().index_to_description(int(ref_ids[0, 0]))
+
+
+def test_timm_preprocessing_is_timms_not_transformers(tmp_path):
+    ckpt = create_random_timm_checkpoint("deit_base_distilled_patch16_224.fb_in1k", tmp_path / "c",
+                                         **SMALL["deit_base_distilled_patch16_224.fb_in1k"])
+    cfg = load_preprocessor(str(ckpt)).to_dict()
+    assert cfg["library"] == "timm" and cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"
+    assert load_preprocessor(str(ckpt)).min_decode_side() == 248  # shortest edge 224 / 0.9
+    info = inspect_checkpoint(str(ckpt))
+    assert info.backend == "timm" and info.embedding_dim == 64 and info.num_labels == 1000
+
+
+@pytest.mark.parametrize("name, tokens, side", [
+    ("deit_base_distilled_patch16_224.fb_in1k", 198, 224),
+    ("cait_m36_384.fb_dist_in1k", 577, 384),
+])
+def test_full_size_timm_shapes(name, tokens, side, tmp_path, photos):
+    """One full-size configuration per family: the token counts of the model cards."""
+    ckpt = create_random_timm_checkpoint(name, tmp_path / "full")
+    scorer = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32")
+    x = load_preprocessor(str(ckpt))(_photos(photos)[:1])
+    assert x.shape == (1, 3, side, side)
+    result = scorer.score(x, token_features=True)
+    assert result.features.shape == (1, tokens, 768) and result.embedding.shape == (1, 768)
