@@ -1,7 +1,8 @@
 """score-images: score images with a DeiT model into Parquet, via Prefect and Ray.
 
-Exit codes: 0 the run completed (some images may have failed: see the errors
-table); 1 the run failed; 2 a bad argument, model or input (nothing ran).
+Exit codes: 0 the run committed (some images may have failed: see the errors
+table); 1 the run failed; 2 a bad argument, model or input (nothing ran);
+3 more images failed than --max-failed / --max-failed-fraction allow.
 Options are generated from :class:`tasks.settings.ScoreSettings`.
 """
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import logging
 import os
 import sys
+import types
 import typing
+from datetime import datetime
 
 from pydantic import ValidationError
 
@@ -19,7 +22,7 @@ from tasks.settings import ScoreSettings, format_validation_error
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3
 
 # Prefect reads its settings at import time, so these are set before it is imported.
 _PREFECT_DEFAULTS = {
@@ -53,11 +56,17 @@ def _add_settings_options(parser: argparse.ArgumentParser, skip: tuple[str, ...]
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
-        ann = field.annotation
+        ann = _unwrap_optional(field.annotation)
         args = typing.get_args(ann)
-        kwargs: dict = {"dest": name, "help": field.description}
+        kwargs: dict = {"dest": name, "help": field.description.replace("%", "%%")}
         if typing.get_origin(ann) is typing.Literal:
             kwargs["choices"] = list(args)
+        elif typing.get_origin(ann) is list:
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "GLOB"
+        elif ann is datetime:
+            kwargs["type"] = datetime.fromisoformat
+            kwargs["metavar"] = "ISO8601"
         elif ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif ann is int:
@@ -76,6 +85,11 @@ def _add_settings_options(parser: argparse.ArgumentParser, skip: tuple[str, ...]
         parser.add_argument(flag, **kwargs)
 
 
+def _unwrap_optional(ann):
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    return args[0] if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1 else ann
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -90,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``score-images`` argument parser."""
     parser = _Parser(prog="score-images", description=__doc__.split("\n\n")[0],
                      formatter_class=_HelpFormatter,
-                     epilog="Exit codes: 0 completed, 1 run failed, 2 bad argument/model/input.")
+                     epilog="Exit codes: 0 committed, 1 run failed, 2 bad argument/model/input, "
+                            "3 too many images failed.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", formatter_class=_HelpFormatter, help="score images under --input and write Parquet to --output",
@@ -102,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or with a random-weight copy of it when the hub is unreachable.")
     demo.add_argument("--output", default="demo-output", help="where to write (default: demo-output)")
     demo.add_argument("--num-images", type=int, default=24, help="sample images to generate (default: 24)")
+    runs = sub.add_parser("runs", help="list the runs under --output, or show one run's manifest",
+                          description="List runs (newest last) with their status and counts, or print one "
+                                      "run's manifest as JSON with --run-id.")
+    runs.add_argument("--output", required=True, help="the output the runs wrote to")
+    runs.add_argument("--run-id", help="print this run's manifest")
+    runs.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+                      help="fsspec options for the output")
     return parser
 
 
@@ -119,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(**params)
+        if args.command == "runs":
+            return show_runs(**params)
         return run_flow(params)
     except UsageError as exc:
         print(f"score-images: error: {exc}", file=sys.stderr)
@@ -149,12 +173,37 @@ def run_flow(params: dict) -> int:
 
     from .score_images import score_images
 
+    from tasks.pipeline import ErrorThresholdExceeded
+
     state = score_images(**settings.model_dump(), return_state=True)
     if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, ErrorThresholdExceeded):
+            print(f"score-images: run failed: {error}", file=sys.stderr)
+            return EXIT_TOO_MANY_ERRORS
         first_line = (state.message or "unknown error").strip().splitlines()[0]
-        print(f"score-images: run failed: {first_line} (details in the log above)", file=sys.stderr)
+        print(f"score-images: run failed: {first_line} (details in the log above; rerun with the "
+              "same --run-id to resume)", file=sys.stderr)
         return EXIT_FAILED
     print(format_summary(state.result()))
+    return EXIT_OK
+
+
+def show_runs(output: str, run_id: str | None = None, storage_options: dict | None = None) -> int:
+    """Print the runs under ``output`` (or one manifest); exit 2 if there is none."""
+    from dataclasses import asdict
+
+    from tasks.report import list_runs, read_manifest
+
+    if run_id:
+        summary = read_manifest(output, run_id, storage_options)
+        if summary is None:
+            raise UsageError(f"no run {run_id!r} under {output}; 'score-images runs --output {output}' lists them")
+        print(json.dumps(asdict(summary), indent=2, default=str))
+        return EXIT_OK
+    print(f"{'run_id':<28} {'status':<11} {'started_at':<26} {'listed':>8} {'scored':>8} {'failed':>7}  model")
+    for r in list_runs(output, storage_options):
+        print(f"{r.run_id:<28} {r.status:<11} {r.started_at:<26} {r.listed:>8} {r.scored:>8} {r.failed:>7}  {r.model}")
     return EXIT_OK
 
 

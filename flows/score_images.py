@@ -1,85 +1,116 @@
-"""The ``score-images`` Prefect flow: plan -> score (Ray) -> report.
+"""The ``score-images`` Prefect flow: plan -> score (Ray, staged) -> commit -> report.
 
 Its parameters are generated from :class:`tasks.settings.ScoreSettings`, so the
 server validates them (types and bounds) before anything runs. Tasks exchange
 small records only; images, pixels and predictions never pass through Prefect.
+Every step is safe to retry: a retried or resumed run scores only what it has
+not yet written, and a run enters the dataset at its commit, once.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from deit_model import resolve_checkpoint
-from tasks.enumerate import read_plan
-from tasks.pipeline import score_run
-from tasks.plan import RunInfo, new_run, plan_run
-from tasks.report import RunSummary, public_parameters, write_manifest
+from tasks.commit import commit, discard_staging, roll_forward
+from tasks.pipeline import ErrorThresholdExceeded, check_failures, score_run
+from tasks.plan import RunInfo, new_run, plan_run, resumed_run
+from tasks.report import RunSummary, public_parameters, read_manifest, write_manifest
 from tasks.settings import ScoreSettings, settings_docstring, settings_signature
 
 logger = logging.getLogger(__name__)
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(settings: ScoreSettings, run: RunInfo) -> int:
-    """List the input into the run's plan file."""
-    return plan_run(settings, run)
+def plan_task(settings: ScoreSettings, run: RunInfo) -> dict:
+    """Resolve the model, list the input and write the plan: what is new, changed, skipped."""
+    ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
+    counts = plan_run(settings, run, ref.name, ref.revision)
+    return {"model": ref.name, "model_revision": ref.revision, **asdict(counts)}
 
 
 @task(name="score", cache_policy=NO_CACHE)
 def score_task(settings: ScoreSettings, run: RunInfo) -> dict:
-    """Score the planned images on Ray and write Parquet; returns counts and files."""
+    """Score the planned images on Ray into staging; returns the run's totals."""
     ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
-    plan = read_plan(run.plan_uri, settings.storage_options)
-    result = score_run(settings, run, ref, plan)
-    return {"model": ref.name, "model_revision": ref.revision, "preprocessing": result.preprocessing,
-            "scored": result.scored, "failed": result.failed,
-            "errors_by_type": result.errors_by_type, "files": result.files}
+    result = score_run(settings, run, ref)
+    return {"scored": result.scored, "failed": result.failed, "errors_by_type": result.errors_by_type,
+            "preprocessing": result.preprocessing}
 
 
-@task(name="report", cache_policy=NO_CACHE)
-def report_task(summary: RunSummary, run: RunInfo, settings: ScoreSettings) -> str:
-    """Write the run manifest and log the summary."""
-    uri = write_manifest(summary, run, settings.storage_options)
-    get_run_logger().info("run %s %s: %d listed, %d scored, %d failed; manifest %s", summary.run_id,
-                          summary.status, summary.listed, summary.scored, summary.failed, uri)
-    return uri
+@task(name="commit", cache_policy=NO_CACHE)
+def commit_task(summary: RunSummary, run: RunInfo, settings: ScoreSettings) -> RunSummary:
+    """Move the staged files into the dataset; the manifest is written last."""
+    summary = commit(summary, run, settings.storage_options)
+    get_run_logger().info("run %s committed: %d listed, %d new, %d changed, %d skipped, %d scored, %d failed",
+                          summary.run_id, summary.listed, summary.new, summary.changed, summary.skipped,
+                          summary.scored, summary.failed)
+    return summary
+
+
+def _open(settings: ScoreSettings) -> tuple[RunInfo, RunSummary, bool]:
+    """(run, its summary, whether it is a resumed run that already has a plan)."""
+    previous = read_manifest(settings.output, settings.run_id, settings.storage_options) if settings.run_id else None
+    if previous is None:
+        run = new_run(settings)
+        summary = RunSummary(run.run_id, "running", settings.model, settings.input, settings.output,
+                             run_date=run.run_date, parameters=public_parameters(settings),
+                             started_at=run.started_at)
+        return run, summary, False
+    previous.message = ""
+    return resumed_run(settings, previous), previous, previous.status != "committed"
 
 
 def _score_images(**params) -> RunSummary:
     settings = ScoreSettings(**params)
-    run = new_run(settings)
-    summary = RunSummary(run.run_id, "failed", settings.model, settings.input, settings.output,
-                         parameters=public_parameters(settings), started_at=run.started_at)
+    roll_forward(settings.output, settings.storage_options)  # finish commits a crash interrupted
+    run, summary, resumed = _open(settings)
+    if summary.status == "committed":
+        logger.info("run %s is already committed; nothing to do", run.run_id)
+        return summary
+    summary.attempts += 1
     try:
         t0 = time.monotonic()
-        summary.listed = plan_task(settings, run)
+        if not resumed:
+            for key, value in plan_task(settings, run).items():
+                setattr(summary, key, value)
+        summary.status = "running"
+        write_manifest(summary, run, settings.storage_options)
         t1 = time.monotonic()
-        outcome = score_task(settings, run)
-        summary.timings_s = {"plan": round(t1 - t0, 3), "score": round(time.monotonic() - t1, 3)}
+        for key, value in score_task(settings, run).items():
+            setattr(summary, key, value)
+        summary.timings_s = {**summary.timings_s, "plan": round(t1 - t0, 3), "score": round(time.monotonic() - t1, 3)}
+        check_failures(settings, summary.to_score, summary.failed, summary.errors_by_type)
+        summary = commit_task(summary, run, settings)
     except Exception as exc:
-        summary.message = f"{type(exc).__name__}: {exc}"[:2000]
-        _report_failure(summary, run, settings)
+        _record_failure(summary, run, settings, exc)
         raise
-    for key, value in outcome.items():
-        setattr(summary, key, value)
-    summary.status = "completed"
     if summary.listed == 0:
         summary.message = f"no images found under {settings.input}"
-    report_task(summary, run, settings)
     return summary
 
 
-def _report_failure(summary: RunSummary, run: RunInfo, settings: ScoreSettings) -> None:
+def _record_failure(summary: RunSummary, run: RunInfo, settings: ScoreSettings, exc: Exception) -> None:
     # Best effort: the output itself may be what failed. The run's own error
     # is what the caller must see, so a failure here is only logged.
+    if summary.status == "committing":
+        # the manifest already lists every file: the next run on this output
+        # finishes the move (roll_forward) rather than losing or repeating it
+        logger.error("run %s failed while committing (%s); the next run will finish the commit",
+                     run.run_id, exc)
+        return
+    summary.status, summary.message = "failed", f"{type(exc).__name__}: {exc}"[:2000]
     try:
+        if isinstance(exc, ErrorThresholdExceeded):
+            discard_staging(run, settings.storage_options)  # a rerun starts this run afresh
         write_manifest(summary, run, settings.storage_options)
     except Exception:  # noqa: BLE001
-        logger.warning("could not write the manifest of failed run %s", run.run_id, exc_info=True)
+        logger.warning("could not record the failure of run %s", run.run_id, exc_info=True)
 
 
 _score_images.__signature__ = settings_signature()
@@ -87,6 +118,7 @@ _score_images.__annotations__ = {
     name: p.annotation for name, p in _score_images.__signature__.parameters.items()}
 _score_images.__doc__ = settings_docstring(
     "Score images under `input` with a DeiT model and write Parquet to `output`.")
+
 
 def _run_name() -> str:
     """Flow run names say what ran: '<model>-on-<input folder>'."""

@@ -1,8 +1,8 @@
-"""Enumerate image objects under an input location and write the run's plan.
+"""Enumerate image objects under an input location, and the run's plan file.
 
-The listing is a generator (``fs.walk`` for prefixes), so memory stays flat in
-the number of objects; the plan is written in chunks to a Parquet file that
-the scoring step reads, so no list of URIs passes through Prefect.
+The listing is a generator (``fs.walk`` for prefixes, a directory at a time);
+the plan is a Parquet file that the scoring step reads, so no list of URIs
+passes through Prefect.
 """
 from __future__ import annotations
 
@@ -79,27 +79,22 @@ def _walk(fs, root: str) -> Iterator[tuple[str, dict]]:
             yield f"{dirpath.rstrip('/')}/{name}", files[name]
 
 
-def write_plan(objects: Iterator[ImageObject], plan_uri: str, storage_options: dict | None = None) -> int:
-    """Stream ``objects`` into a Parquet plan file; return how many were written."""
+def write_plan(plan: pa.Table, plan_uri: str, storage_options: dict | None = None) -> int:
+    """Write the run's plan (PLAN_SCHEMA rows) in one piece; return its row count."""
+    import io
+
     fs, path = storage.filesystem(plan_uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    count = 0
-    with fs.open(path, "wb") as fh, pq.ParquetWriter(fh, PLAN_SCHEMA, compression="zstd") as writer:
-        chunk: list[ImageObject] = []
-        for obj in objects:
-            chunk.append(obj)
-            if len(chunk) >= _PLAN_CHUNK:
-                writer.write_table(_plan_table(chunk))
-                count += len(chunk)
-                chunk = []
-        if chunk or count == 0:
-            writer.write_table(_plan_table(chunk))
-            count += len(chunk)
-    logger.info("planned %d images into %s", count, plan_uri)
-    return count
+    buf = io.BytesIO()
+    pq.write_table(plan.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA), buf, compression="zstd",
+                   row_group_size=_PLAN_CHUNK)
+    storage.write_atomic(fs, path, buf.getvalue())
+    logger.info("planned %d images into %s", plan.num_rows, plan_uri)
+    return plan.num_rows
 
 
-def _plan_table(chunk: list[ImageObject]) -> pa.Table:
+def plan_table(chunk: list[ImageObject]) -> pa.Table:
+    """ImageObjects as a PLAN_SCHEMA table."""
     return pa.Table.from_pydict(
         {
             "uri": [o.uri for o in chunk],

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from deit_model import CheckpointRef, Preprocessor, embedding_dim, load_preprocessor
 
@@ -62,8 +63,12 @@ def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placeme
 
 
 def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
-                 writer: DatasetWriter, run_id: str) -> WriteResult:
-    """Score every row of ``plan`` and stream the results into ``writer``."""
+                 writer: DatasetWriter, run_id: str, planned: int | None = None, failed_before: int = 0) -> None:
+    """Score every row of ``plan`` and stream the results into ``writer``.
+
+    Stops early (ErrorThresholdExceeded) once more images failed than the run
+    allows of its ``planned`` total, counting ``failed_before`` from earlier attempts.
+    """
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -95,10 +100,13 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
             "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name,
             "spec": writer.spec})
     progress = _Progress(plan.num_rows)
+    planned = planned or plan.num_rows
+    limit = failure_limit(settings, planned)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         writer.write(batch)
         progress.update(writer.result)
-    return writer.close()
+        if limit is not None and failed_before + writer.result.failed > limit:
+            check_failures(settings, planned, failed_before + writer.result.failed, writer.result.errors_by_type)
 
 
 class _Progress:
@@ -118,27 +126,68 @@ class _Progress:
                     done, self.total, 100.0 * done / max(self.total, 1), rate, result.failed)
 
 
-def score_run(settings: ScoreSettings, run, ref: CheckpointRef, plan: pa.Table) -> WriteResult:
-    """Run the pipeline for a planned run inside a Ray session."""
+class ErrorThresholdExceeded(RuntimeError):
+    """More images failed than the run allows (max_failed / max_failed_fraction)."""
+
+
+def failure_limit(settings: ScoreSettings, planned: int) -> int | None:
+    """The most failed images the run tolerates, or None for no limit."""
+    limits = []
+    if settings.max_failed is not None:
+        limits.append(settings.max_failed)
+    if settings.max_failed_fraction is not None:
+        limits.append(int(settings.max_failed_fraction * planned))
+    return min(limits) if limits else None
+
+
+def check_failures(settings: ScoreSettings, planned: int, failed: int, by_type: dict[str, int]) -> None:
+    """Raise ErrorThresholdExceeded when ``failed`` is over the run's limit."""
+    limit = failure_limit(settings, planned)
+    if limit is not None and failed > limit:
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]))
+        share = 100.0 * failed / max(planned, 1)
+        raise ErrorThresholdExceeded(
+            f"{failed} of {planned} images failed ({share:.1f}%), over the limit of {limit} "
+            f"(max_failed={settings.max_failed}, max_failed_fraction={settings.max_failed_fraction}); "
+            f"errors: {kinds}. Nothing was committed")
+
+
+def score_run(settings: ScoreSettings, run, ref: CheckpointRef) -> WriteResult:
+    """Score what the run's plan still lacks into staging; return the run's totals.
+
+    Rows the run already wrote (in an earlier, interrupted attempt) are not
+    scored again, so resuming never duplicates.
+    """
+    from .commit import count_done, done_rows, moved_files, staged_files
+    from .enumerate import read_plan
     from .ray_cluster import ray_session
 
     preprocessor = load_preprocessor(ref.local_dir)
+    preprocessing = preprocessor.to_dict()
     metadata = {"model": ref.name, "model_revision": ref.revision or "",
-                "preprocessing": json.dumps(preprocessor.to_dict(), sort_keys=True, default=str),
+                "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str),
                 "fast_decode": str(settings.fast_decode).lower()}
     spec = OutputSpec(embedding_dim(ref.local_dir), float16=settings.embedding_dtype == "float16",
                       token_features=settings.token_features)
-    writer = DatasetWriter(settings.output, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
-                           spec=spec, rows_per_file=settings.rows_per_file,
-                           storage_options=settings.storage_options, metadata=metadata)
-    if plan.num_rows == 0:
-        result = writer.close()
-    else:
+    plan = read_plan(run.plan_uri, settings.storage_options)
+    done = done_rows(run, settings.storage_options)
+    remaining = plan.filter(pc.invert(pc.is_in(plan["uri"], done["uri"])))
+    if done.num_rows:
+        logger.info("resuming run %s: %d images already written, %d to go", run.run_id, done.num_rows,
+                    remaining.num_rows)
+    if remaining.num_rows:
+        writer = DatasetWriter(run.staging_dir, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
+                               spec=spec, rows_per_file=settings.rows_per_file,
+                               checkpoint_seconds=settings.checkpoint_seconds,
+                               storage_options=settings.storage_options, metadata=metadata)
         try:
             with ray_session(settings.resolved_ray_address()):
-                result = run_pipeline(settings, plan, ref, preprocessor, writer, run.run_id)
+                run_pipeline(settings, remaining, ref, preprocessor, writer, run.run_id,
+                             planned=plan.num_rows, failed_before=count_done(done)[1])
         except BaseException:
             writer.abort()
             raise
-    result.preprocessing = json.loads(metadata["preprocessing"])
-    return result
+        writer.close()
+    scored, failed, by_type = count_done(done_rows(run, settings.storage_options))
+    files = staged_files(run, settings.storage_options) + moved_files(run, settings.storage_options)
+    return WriteResult(scored, failed, files, by_type, preprocessing)

@@ -1,16 +1,33 @@
-"""Plan a run: give it an id and write the list of images it will score."""
+"""Plan a run: give it an identity, and decide which listed images it scores.
+
+By default a run is incremental: an image already scored successfully by the
+same model and revision, in the same version (etag, or size and mtime when the
+store has no etag), is skipped; new and changed images are planned. ``force``
+plans everything listed; ``only_failed`` plans only images that failed (in one
+run, or whose latest result is an error). The plan is written once per run, so
+a resumed run scores exactly the set its first attempt planned.
+"""
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from . import storage
-from .enumerate import IMAGE_EXTENSIONS, list_images, write_plan
+from .enumerate import IMAGE_EXTENSIONS, plan_table, write_plan
 from .settings import ScoreSettings
 
 logger = logging.getLogger(__name__)
+
+# parameters that define what a run computes: a resume must not change them
+IDENTITY = ("input", "output", "model", "revision", "top_k", "token_features", "embedding_dtype",
+            "fast_decode", "force", "only_failed", "include", "exclude", "modified_after",
+            "modified_before", "limit")
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,15 @@ class RunInfo:
     def plan_uri(self) -> str:
         return storage.join(self.run_dir, "plan.parquet")
 
+    @property
+    def manifest_uri(self) -> str:
+        return storage.join(self.run_dir, "manifest.json")
+
+    @property
+    def staging_dir(self) -> str:
+        """``<output>/_staging/<run_id>``: where files wait until the run commits."""
+        return storage.join(self.output, "_staging", self.run_id)
+
 
 def new_run(settings: ScoreSettings, now: datetime | None = None) -> RunInfo:
     """A RunInfo for ``settings``; the id is time-based unless the user set one."""
@@ -39,11 +65,59 @@ def new_run(settings: ScoreSettings, now: datetime | None = None) -> RunInfo:
     return RunInfo(run_id, f"{now:%Y-%m-%d}", now.isoformat(timespec="seconds"), settings.output)
 
 
-def plan_run(settings: ScoreSettings, run: RunInfo) -> int:
-    """List the input and write the run's plan file; return the number of images."""
-    objects = list_images(settings.input, settings.storage_options)
-    count = write_plan(objects, run.plan_uri, settings.storage_options)
-    if count == 0:
+def resumed_run(settings: ScoreSettings, previous) -> RunInfo:
+    """The RunInfo of an unfinished run being resumed; its parameters must not differ."""
+    changed = [k for k in IDENTITY if str(previous.parameters.get(k)) != str(getattr(settings, k))]
+    if changed:
+        raise ValueError(
+            f"run {previous.run_id} was started with different {', '.join(changed)}; rerun it with its "
+            "original parameters (see its manifest) or start a new run without --run-id")
+    return RunInfo(previous.run_id, previous.run_date, previous.started_at, settings.output)
+
+
+@dataclass
+class PlanCounts:
+    """How the listing divided: what is new, changed, already scored, and to score."""
+
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    skipped: int = 0
+    to_score: int = 0
+
+
+def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | None) -> PlanCounts:
+    """List the input, choose what to score, and write the run's plan file."""
+    from .history import failed_uris, scored_versions, version_key
+    from .inputs import list_inputs
+
+    listing = _listing_table(list_inputs(settings))
+    counts = PlanCounts(listed=listing.num_rows)
+    if settings.only_failed:
+        wanted = failed_uris(settings.output, model, settings.only_failed, settings.storage_options)
+        plan = listing.filter(pc.is_in(listing["uri"], pa.array(sorted(wanted), pa.string())))
+        counts.changed = plan.num_rows  # rescored: they have a result already
+    elif settings.force:
+        plan, counts.changed = listing, listing.num_rows
+    else:
+        scored = scored_versions(settings.output, model, revision, settings.storage_options)
+        keyed = listing.append_column("version", version_key(listing))
+        plan = keyed.join(scored, keys=["uri", "version"], join_type="left anti").drop_columns(["version"])
+        known = pc.is_in(plan["uri"], scored["uri"])
+        counts.changed = pc.sum(known).as_py() or 0
+        counts.new = plan.num_rows - counts.changed
+    counts.to_score = plan.num_rows
+    counts.skipped = counts.listed - counts.to_score
+    write_plan(plan, run.plan_uri, settings.storage_options)
+    if counts.listed == 0:
         logger.warning("no images found under %s (extensions: %s)", settings.input,
                        ", ".join(sorted(IMAGE_EXTENSIONS)))
-    return count
+    logger.info("plan: %d listed, %d new, %d changed, %d already scored", counts.listed, counts.new,
+                counts.changed, counts.skipped)
+    return counts
+
+
+def _listing_table(objects) -> pa.Table:
+    # built in chunks so the Python objects of a huge listing never all exist at once
+    chunks = [plan_table(c) for c in iter(lambda: list(itertools.islice(objects, 10_000)), [])]
+    return pa.concat_tables(chunks) if chunks else plan_table([])

@@ -1,4 +1,8 @@
-"""The run's record: a JSON manifest next to the data, and a summary for people."""
+"""The run's record: a JSON manifest next to the data, and a summary for people.
+
+A manifest's ``status`` moves running -> committing -> committed, or to failed.
+Only committed runs are part of the dataset (see :mod:`tasks.commit`).
+"""
 from __future__ import annotations
 
 import json
@@ -20,13 +24,18 @@ class RunSummary:
     """Counts, timings and outcome of one run (small: safe to pass through Prefect)."""
 
     run_id: str
-    status: str  # completed | failed
+    status: str  # running | committing | committed | failed
     model: str
     input: str
     output: str
     model_revision: str | None = None  # hub commit, or sha256 content hash of a checkpoint dir
     preprocessing: dict = field(default_factory=dict)  # the image processor's config
-    listed: int = 0
+    run_date: str = ""
+    listed: int = 0  # objects the input held after include/exclude/time/limit
+    new: int = 0  # never scored by this model and revision
+    changed: int = 0  # scored before, but the object changed since (etag, or size+mtime)
+    skipped: int = 0  # already scored with this version: not scored again
+    to_score: int = 0  # new + changed (or everything, with force; the failed ones, with only_failed)
     scored: int = 0
     failed: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
@@ -34,6 +43,8 @@ class RunSummary:
     timings_s: dict[str, float] = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
     started_at: str = ""
+    committed_at: str = ""
+    attempts: int = 0
     message: str = ""
 
     @property
@@ -48,12 +59,31 @@ def public_parameters(settings: ScoreSettings) -> dict:
 
 
 def write_manifest(summary: RunSummary, run: RunInfo, storage_options: dict | None = None) -> str:
-    """Write ``_runs/<run_id>/manifest.json`` and return its URI."""
-    fs, path = storage.filesystem(storage.join(run.run_dir, "manifest.json"), storage_options)
+    """Write ``_runs/<run_id>/manifest.json`` in one piece and return its URI."""
+    fs, path = storage.filesystem(run.manifest_uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as fh:
-        json.dump(asdict(summary), fh, indent=2, default=str)
+    storage.write_atomic(fs, path, json.dumps(asdict(summary), indent=2, default=str).encode())
     return storage.to_uri(fs, path)
+
+
+def read_manifest(output: str, run_id: str, storage_options: dict | None = None) -> RunSummary | None:
+    """The manifest of ``run_id`` under ``output``, or None if that run never started."""
+    fs, path = storage.filesystem(storage.join(output, "_runs", run_id, "manifest.json"), storage_options)
+    try:
+        with fs.open(path, "r") as fh:
+            return RunSummary(**json.load(fh))
+    except FileNotFoundError:
+        return None
+
+
+def list_runs(output: str, storage_options: dict | None = None) -> list[RunSummary]:
+    """Every run's manifest under ``output``, oldest first."""
+    fs, root = storage.filesystem(storage.join(output, "_runs"), storage_options)
+    runs = []
+    for path in sorted(fs.glob(f"{root}/*/manifest.json")):
+        with fs.open(path, "r") as fh:
+            runs.append(RunSummary(**json.load(fh)))
+    return sorted(runs, key=lambda r: (r.started_at, r.run_id))
 
 
 def format_summary(summary: RunSummary) -> str:
@@ -61,7 +91,9 @@ def format_summary(summary: RunSummary) -> str:
     lines = [
         f"run {summary.run_id}: {summary.status}",
         f"  model:   {summary.model} ({summary.model_revision or 'unknown revision'})",
-        f"  images:  {summary.listed} listed, {summary.scored} scored, {summary.failed} failed",
+        f"  plan:    {summary.listed} listed: {summary.new} new, {summary.changed} changed, "
+        f"{summary.skipped} already scored",
+        f"  images:  {summary.scored} scored, {summary.failed} failed",
     ]
     if summary.errors_by_type:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(summary.errors_by_type.items()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,7 +23,8 @@ class ScoreSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: str = Field(description="images to score: a local path, an fsspec URI prefix (s3://bucket/dir) or a glob")
+    input: str = Field(description="images to score: a local path, an fsspec URI prefix (s3://bucket/dir), a glob, "
+                                   "or a manifest file (.txt, .csv or .parquet with a uri column)")
     output: str = Field(description="where the Parquet dataset is written: a local path or an fsspec URI")
     model: str = Field(DEFAULT_MODEL, description="hub id, local checkpoint directory or fsspec URI of one")
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of the model")
@@ -38,7 +40,23 @@ class ScoreSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where actors run the model")
     ray_address: Optional[str] = Field(
         None, description="address of an existing Ray cluster (RAY_ADDRESS also works); unset starts a local one")
-    run_id: Optional[str] = Field(None, description="id for this run; generated from the time when unset")
+    run_id: Optional[str] = Field(
+        None, description="id for this run; generated when unset. Rerunning an unfinished run's id resumes it")
+    include: list[str] = Field(
+        default_factory=list, description="only objects whose path (relative to input) matches one of these globs")
+    exclude: list[str] = Field(
+        default_factory=list, description="skip objects whose path (relative to input) matches one of these globs")
+    modified_after: Optional[datetime] = Field(None, description="only objects modified at or after this time (ISO 8601)")
+    modified_before: Optional[datetime] = Field(None, description="only objects modified before this time (ISO 8601)")
+    limit: Optional[int] = Field(None, ge=1, description="score at most this many of the listed objects")
+    force: bool = Field(False, description="rescore every listed object, even those already scored (after a model upgrade, say)")
+    only_failed: Optional[str] = Field(
+        None, description="rescore only objects that failed: in this run id, or 'any' for those whose latest result is an error")
+    max_failed: Optional[int] = Field(None, ge=0, description="fail the run when more images than this fail")
+    max_failed_fraction: Optional[float] = Field(
+        None, ge=0, le=1, description="fail the run when more than this share of its images fail (0.05 = 5%)")
+    checkpoint_seconds: float = Field(
+        300, gt=0, description="finish a staged file at least this often, bounding the work a crash can lose")
     token_features: bool = Field(
         False, description="also write the unpooled final-norm token features (T x D floats per image)")
     embedding_dtype: Literal["float32", "float16"] = Field(
@@ -46,7 +64,7 @@ class ScoreSettings(BaseModel):
     fast_decode: bool = Field(
         False, description="decode JPEGs at reduced scale (DCT domain); faster, changes pixels slightly")
     max_pixels: int = Field(178_956_970, ge=1, description="images with more pixels are rejected as too large")
-    rows_per_file: int = Field(50_000, ge=100, description="rows per Parquet file before a new file is started")
+    rows_per_file: int = Field(50_000, ge=1, description="rows per Parquet file before a new file is started")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for input/output/model (for example endpoint_url); keep secrets in the environment")

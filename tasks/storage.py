@@ -100,3 +100,49 @@ def object_version(info: dict[str, Any]) -> tuple[str | None, datetime | None]:
                 continue
         break
     return (str(etag) if etag else None), mtime
+
+
+def is_local(fs) -> bool:
+    """True for the local filesystem, where files are visible while being written."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
+class AtomicWriter:
+    """A file handle whose content appears at ``path`` only when closed successfully.
+
+    Local files are written under a temporary name and renamed; object stores
+    need nothing extra, as an object becomes visible only when its upload
+    completes. ``abort()`` leaves nothing behind on either.
+    """
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+        self.tmp = f"{path}.inprogress" if is_local(fs) else path
+        self.handle = fs.open(self.tmp, "wb")
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tmp != self.path:
+            self.fs.mv(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            if hasattr(self.handle, "discard"):
+                self.handle.discard()  # s3fs: abandon the multipart upload
+            else:
+                self.handle.close()
+        finally:
+            if self.tmp != self.path and self.fs.exists(self.tmp):
+                self.fs.rm_file(self.tmp)
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old content or the new, never part."""
+    writer = AtomicWriter(fs, path)
+    try:
+        writer.handle.write(data)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()

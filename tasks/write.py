@@ -1,12 +1,18 @@
-"""Write scored batches as hive-partitioned, zstd-compressed Parquet files.
+"""Write scored batches as hive-partitioned, zstd-compressed Parquet, into staging.
 
-Files roll over every ``rows_per_file`` rows so a large run makes a few big
-files rather than thousands of small ones; row groups hold up to
+Files go to the run's staging area (``_staging/<run_id>/...``), invisible to
+readers, and move into the dataset when the run commits (:mod:`tasks.commit`).
+Each file appears whole or not at all (:class:`storage.AtomicWriter`). Files
+roll over every ``rows_per_file`` rows, so a large run makes a few big files
+rather than thousands of small ones, and at least every ``checkpoint_seconds``,
+which bounds the work a crash can lose; row groups hold up to
 ``ROW_GROUP_ROWS`` rows so readers can skip and parallelise within a file.
 """
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -30,14 +36,21 @@ class WriteResult:
     errors_by_type: dict[str, int] = field(default_factory=dict)
     preprocessing: dict = field(default_factory=dict)
 
+    def add_errors(self, kinds: list[str]) -> None:
+        for kind in kinds:
+            self.errors_by_type[kind] = self.errors_by_type.get(kind, 0) + 1
+
 
 class _RollingFile:
-    """One table's current Parquet file, started lazily and rolled by row count."""
+    """One table's current Parquet file, started lazily and rolled by rows or time."""
 
-    def __init__(self, fs, directory: str, schema: pa.Schema, run_id: str, rows_per_file: int):
-        self.fs, self.dir, self.schema = fs, directory, schema
-        self.run_id, self.rows_per_file = run_id, rows_per_file
-        self.seq, self.rows, self.handle, self.writer = 0, 0, None, None
+    def __init__(self, fs, directory: str, schema: pa.Schema, prefix: str, rows_per_file: int,
+                 checkpoint_seconds: float):
+        self.fs, self.dir, self.schema, self.prefix = fs, directory, schema, prefix
+        self.rows_per_file, self.checkpoint_seconds = rows_per_file, checkpoint_seconds
+        self.seq, self.rows, self.opened_at = 0, 0, 0.0
+        self.out: storage.AtomicWriter | None = None
+        self.writer: pq.ParquetWriter | None = None
         self.files: list[str] = []
 
     def write(self, table: pa.Table) -> None:
@@ -50,67 +63,67 @@ class _RollingFile:
             table = table.slice(take)
             if self.rows >= self.rows_per_file:
                 self.close()
+        if self.writer is not None and time.monotonic() - self.opened_at >= self.checkpoint_seconds:
+            self.close()
 
     def _open(self) -> None:
         self.fs.makedirs(self.dir, exist_ok=True)
-        path = f"{self.dir}/part-{self.run_id}-{self.seq:05d}.parquet"
-        self.handle = self.fs.open(path, "wb")
-        self.writer = pq.ParquetWriter(self.handle, self.schema, compression="zstd")
-        self.files.append(storage.to_uri(self.fs, path))
-        self.seq += 1
+        path = f"{self.dir}/{self.prefix}-{self.seq:05d}.parquet"
+        self.out = storage.AtomicWriter(self.fs, path)
+        self.writer = pq.ParquetWriter(self.out.handle, self.schema, compression="zstd")
+        self.seq, self.opened_at = self.seq + 1, time.monotonic()
 
     def close(self) -> None:
+        """Finish the current file: from now on it is complete and kept."""
         if self.writer is not None:
             self.writer.close()
-            self.handle.close()  # for object stores the object appears only now
-        self.writer, self.handle, self.rows = None, None, 0
+            self.out.close()
+            self.files.append(storage.to_uri(self.fs, self.out.path))
+        self.writer, self.out, self.rows = None, None, 0
+
+    def abort(self) -> None:
+        """Drop the file in progress; finished files stay for the run to resume from."""
+        if self.out is not None:
+            self.out.abort()
+        self.writer, self.out, self.rows = None, None, 0
 
 
 class DatasetWriter:
-    """Splits actor output into the predictions and errors tables and writes both."""
+    """Splits actor output into the predictions and errors tables and stages both."""
 
-    def __init__(self, output: str, *, model_name: str, run_id: str, run_date: str,
-                 spec: OutputSpec, rows_per_file: int, storage_options: dict | None = None,
-                 metadata: dict[str, str] | None = None):
-        fs, root = storage.filesystem(output, storage_options)
+    def __init__(self, staging_root: str, *, model_name: str, run_id: str, run_date: str,
+                 spec: OutputSpec, rows_per_file: int, checkpoint_seconds: float = 300.0,
+                 storage_options: dict | None = None, metadata: dict[str, str] | None = None):
+        fs, root = storage.filesystem(staging_root, storage_options)
         self.spec = spec
         self.result = WriteResult()
         # run facts (model revision, preprocessing) ride along in every file's footer
         extra = {f"deit_scoring.{k}".encode(): v.encode() for k, v in (metadata or {}).items()}
-        preds_schema = predictions_schema(spec)
-        self.preds = _RollingFile(fs, partition_dir(root, "predictions", model_name, run_date),
-                                  preds_schema.with_metadata({**preds_schema.metadata, **extra}),
-                                  run_id, rows_per_file)
-        self.errors = _RollingFile(fs, partition_dir(root, "errors", model_name, run_date),
-                                   ERRORS_SCHEMA.with_metadata({**ERRORS_SCHEMA.metadata, **extra}),
-                                   run_id, rows_per_file)
+        # a fresh token per attempt: a resumed run never reuses a finished file's name
+        prefix = f"part-{run_id}-{secrets.token_hex(3)}"
+        self.tables = {}
+        for table, schema in (("predictions", predictions_schema(spec)), ("errors", ERRORS_SCHEMA)):
+            self.tables[table] = _RollingFile(
+                fs, partition_dir(root, table, model_name, run_date), schema.with_metadata({**schema.metadata, **extra}),
+                prefix, rows_per_file, checkpoint_seconds)
 
     def write(self, batch: pa.Table) -> None:
         """Write one actor output batch."""
         preds, errs = split_scored(batch, self.spec)
-        self.preds.write(preds)
-        self.errors.write(errs)
+        self.tables["predictions"].write(preds)
+        self.tables["errors"].write(errs)
         self.result.scored += preds.num_rows
         self.result.failed += errs.num_rows
-        for kind in errs["error_type"].to_pylist():
-            self.result.errors_by_type[kind] = self.result.errors_by_type.get(kind, 0) + 1
+        self.result.add_errors(errs["error_type"].to_pylist())
 
     def abort(self) -> None:
-        """Close and delete every file this writer made: a failed run leaves no parts behind."""
-        for rolling in (self.preds, self.errors):
-            try:
-                rolling.close()
-            except Exception:  # noqa: BLE001 - removing the files matters more
-                logger.debug("closing %s failed", rolling.dir, exc_info=True)
-            for uri in rolling.files:
-                try:
-                    rolling.fs.rm_file(rolling.fs._strip_protocol(uri))
-                except FileNotFoundError:
-                    pass
+        """Stop after a failure, keeping only complete files."""
+        for rolling in self.tables.values():
+            rolling.abort()
 
     def close(self) -> WriteResult:
         """Finish all open files and return what was written."""
-        self.preds.close()
-        self.errors.close()
-        self.result.files = self.preds.files + self.errors.files
+        for rolling in self.tables.values():
+            rolling.close()
+        self.result.files = [f for rolling in self.tables.values() for f in rolling.files]
         return self.result

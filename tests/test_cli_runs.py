@@ -18,7 +18,7 @@ def test_run_prints_summary_and_exits_0(ray_cluster, prefect_harness, tiny_check
                  "--model", str(tiny_checkpoint), "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
     out = capsys.readouterr().out
     assert code == EXIT_OK
-    assert "completed" in out and "8 listed, 8 scored, 0 failed" in out
+    assert "committed" in out and "8 listed" in out and "8 scored, 0 failed" in out
     assert f"{tmp_path / 'o'}/predictions" in out and "read_parquet(" in out
     # a batch with no failed image at all: every row is a real prediction
     preds = ds.dataset(tmp_path / "o" / "predictions", partitioning="hive").to_table()
@@ -40,18 +40,22 @@ def test_decode_and_scoring_are_separate_stages(ray_cluster, tiny_checkpoint, im
     """Decode must not be fused into the scoring actor, or CPU work stops overlapping the model."""
     import logging
 
-    from tasks.pipeline import score_run
-    from tasks.plan import new_run
-    from tasks.enumerate import list_images, _plan_table
+    from deit_model import load_preprocessor, resolve_checkpoint
+    from tasks.enumerate import list_images, plan_table
+    from tasks.pipeline import run_pipeline
+    from tasks.schema import OutputSpec
     from tasks.settings import ScoreSettings
-    from deit_model import resolve_checkpoint
+    from tasks.write import DatasetWriter
 
     settings = ScoreSettings(input=str(image_dir / "photos"), output=str(tmp_path), model=str(tiny_checkpoint),
                              cpus_per_actor=0.5, decode_cpus=0.5)
-    plan = _plan_table(list(list_images(settings.input)))
+    plan = plan_table(list(list_images(settings.input)))
+    ref = resolve_checkpoint(settings.model)
+    writer = DatasetWriter(str(tmp_path / "staging"), model_name=ref.name, run_id="r", run_date="2026-11-22",
+                           spec=OutputSpec(64), rows_per_file=100)
     with caplog.at_level(logging.INFO, logger="ray.data"):
-        result = score_run(settings, new_run(settings), resolve_checkpoint(settings.model), plan)
-    assert result.scored == plan.num_rows
+        run_pipeline(settings, plan, ref, load_preprocessor(ref.local_dir), writer, "r")
+    assert writer.close().scored == plan.num_rows
     plans = [r.getMessage() for r in caplog.records if "Execution plan" in r.getMessage()]
     assert plans and "TaskPoolMapOperator[MapBatches(decode_batch)] -> ActorPoolMapOperator" in plans[-1]
 

@@ -68,7 +68,7 @@ def test_local_directory_end_to_end(ray_cluster, prefect_harness, tiny_checkpoin
     summary = _run_flow(input=str(image_dir), output=str(out), model=str(tiny_checkpoint), top_k=TOP_K,
                         batch_size=4, cpus_per_actor=0.5, decode_cpus=0.5, rows_per_file=100)
     listed = [o.uri for o in list_images(str(image_dir))]
-    assert summary.listed == len(listed) and summary.status == "completed"
+    assert summary.listed == len(listed) and summary.status == "committed"
 
     def read(table):
         return ds.dataset(out / table, partitioning="hive").to_table()
@@ -90,7 +90,7 @@ def test_local_directory_end_to_end(ray_cluster, prefect_harness, tiny_checkpoin
     assert pl_preds.schema["embedding"] == pl.Array(pl.Float32, 64)
     # the run manifest
     manifest = json.loads((out / "_runs" / summary.run_id / "manifest.json").read_text())
-    assert manifest["status"] == "completed" and manifest["listed"] == len(listed)
+    assert manifest["status"] == "committed" and manifest["listed"] == len(listed)
     assert "storage_options" not in manifest["parameters"]
     # a row traces to the exact weights and preprocessing that made it
     revision = preds["model_revision"].unique().to_pylist()

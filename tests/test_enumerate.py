@@ -4,7 +4,7 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from tasks.enumerate import list_images, read_plan, write_plan
+from tasks.enumerate import list_images, plan_table, read_plan, write_plan
 from tasks.storage import InputNotFoundError
 
 
@@ -48,9 +48,9 @@ def test_s3_listing_records_etags(s3fs_client, s3_bucket, s3_server, photos):
 
 def test_plan_round_trip(tmp_path, image_dir):
     plan_uri = str(tmp_path / "run" / "plan.parquet")
-    n = write_plan(list_images(str(image_dir)), plan_uri)
+    n = write_plan(plan_table(list(list_images(str(image_dir)))), plan_uri)
     table = read_plan(plan_uri)
     assert table.num_rows == n > 0
     assert table.column_names == ["uri", "source_size", "source_etag", "source_mtime"]
-    assert write_plan(iter([]), str(tmp_path / "empty.parquet")) == 0
+    assert write_plan(plan_table([]), str(tmp_path / "empty.parquet")) == 0
     assert read_plan(str(tmp_path / "empty.parquet")).num_rows == 0

@@ -1,0 +1,127 @@
+"""Commit a run into the dataset, exactly once, and resume one that did not finish.
+
+A run stages its files under ``_staging/<run_id>/``, where no reader looks.
+Committing is write-ahead:
+
+1. the manifest is written with ``status: committing`` and the final file list;
+2. the staged files are moved into their partitions (a rename on local disks,
+   copy+delete on object stores);
+3. the manifest is rewritten with ``status: committed`` — the commit point.
+
+A crash during 2 is rolled forward by the next run of the same output
+(:func:`roll_forward`), so a run is either absent from the dataset or wholly
+in it. A rerun of an unfinished run finds the files it already wrote (staged,
+or moved by an interrupted commit) and scores only the rest, so every planned
+URI ends up exactly once in predictions or errors.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import storage
+from .plan import RunInfo
+from .report import RunSummary, list_runs, write_manifest
+
+logger = logging.getLogger(__name__)
+
+TABLES = ("predictions", "errors")
+_DONE_SCHEMA = pa.schema([("uri", pa.string()), ("error_type", pa.string())])
+
+
+def staged_files(run: RunInfo, storage_options: dict | None = None) -> list[str]:
+    """Complete staged Parquet files of ``run`` (in-progress ones end in .inprogress)."""
+    fs, root = storage.filesystem(run.staging_dir, storage_options)
+    return sorted(storage.to_uri(fs, p) for p in fs.glob(f"{root}/*/*/*/*.parquet"))
+
+
+def moved_files(run: RunInfo, storage_options: dict | None = None) -> list[str]:
+    """Files of ``run`` already in the dataset (moved by an interrupted commit)."""
+    fs, root = storage.filesystem(run.output, storage_options)
+    found = []
+    for table in TABLES:
+        pattern = f"{root}/{table}/model_slug=*/run_date={run.run_date}/part-{run.run_id}-*.parquet"
+        found += [storage.to_uri(fs, p) for p in fs.glob(pattern)]
+    return sorted(found)
+
+
+def table_of(uri: str) -> str:
+    """"predictions" or "errors": the table a data file belongs to, from its path."""
+    return uri.split("/model_slug=", 1)[0].rsplit("/", 1)[-1]
+
+
+def final_uri(run: RunInfo, staged: str, storage_options: dict | None = None) -> str:
+    """Where a staged file lives once committed: the same path under the output root."""
+    fs, staging = storage.filesystem(run.staging_dir, storage_options)
+    root = storage.filesystem(run.output, storage_options)[1]
+    rel = fs._strip_protocol(staged)[len(staging.rstrip("/")):].lstrip("/")
+    return storage.to_uri(fs, f"{root.rstrip('/')}/{rel}")
+
+
+def done_rows(run: RunInfo, storage_options: dict | None = None) -> pa.Table:
+    """URIs the run already wrote (uri, error_type; error_type null for predictions)."""
+    files = staged_files(run, storage_options) + moved_files(run, storage_options)
+    parts = [_DONE_SCHEMA.empty_table()]
+    fs = storage.filesystem(run.output, storage_options)[0]
+    for uri in files:
+        is_error = table_of(uri) == "errors"
+        with fs.open(fs._strip_protocol(uri), "rb") as fh:
+            t = pq.read_table(fh, columns=["uri", "error_type"] if is_error else ["uri"])
+        if not is_error:
+            t = t.append_column("error_type", pa.nulls(t.num_rows, pa.string()))
+        parts.append(t.cast(_DONE_SCHEMA))
+    return pa.concat_tables(parts)
+
+
+def count_done(done: pa.Table) -> tuple[int, int, dict[str, int]]:
+    """(scored, failed, errors_by_type) of a run's written rows."""
+    failed = done.filter(pc.is_valid(done["error_type"]))
+    by_type = {r["values"]: r["counts"] for r in pc.value_counts(failed["error_type"]).to_pylist()}
+    return done.num_rows - failed.num_rows, failed.num_rows, by_type
+
+
+def commit(summary: RunSummary, run: RunInfo, storage_options: dict | None = None) -> RunSummary:
+    """Move the run's staged files into the dataset and mark it committed."""
+    staged = staged_files(run, storage_options)
+    summary.files = sorted(moved_files(run, storage_options) + [final_uri(run, s, storage_options) for s in staged])
+    summary.status = "committing"
+    write_manifest(summary, run, storage_options)  # the intent, with the full file list
+    _move(run, staged, storage_options)
+    summary.status = "committed"
+    summary.committed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_manifest(summary, run, storage_options)  # the commit point
+    discard_staging(run, storage_options)
+    logger.info("committed run %s: %d files", run.run_id, len(summary.files))
+    return summary
+
+
+def _move(run: RunInfo, staged: list[str], storage_options: dict | None) -> None:
+    fs = storage.filesystem(run.output, storage_options)[0]
+    for src in staged:
+        dst = fs._strip_protocol(final_uri(run, src, storage_options))
+        fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(fs._strip_protocol(src), dst)
+
+
+def roll_forward(output: str, storage_options: dict | None = None) -> list[str]:
+    """Finish commits that a crash interrupted; returns the run ids completed."""
+    done = []
+    for summary in list_runs(output, storage_options):
+        if summary.status != "committing":
+            continue
+        run = RunInfo(summary.run_id, summary.run_date, summary.started_at, output)
+        logger.warning("run %s crashed while committing: finishing its commit", run.run_id)
+        commit(summary, run, storage_options)
+        done.append(run.run_id)
+    return done
+
+
+def discard_staging(run: RunInfo, storage_options: dict | None = None) -> None:
+    """Delete the run's staging area (after a commit, or to restart it from nothing)."""
+    fs, root = storage.filesystem(run.staging_dir, storage_options)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

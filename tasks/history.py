@@ -1,0 +1,106 @@
+"""What the dataset already holds: committed runs, scored versions, failures, latest.
+
+Only files listed by committed manifests count, so a crashed or running run
+never changes what the next run plans, and :func:`latest` is a reader's
+snapshot that never shows a half-committed run.
+"""
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from . import storage
+from .report import RunSummary, list_runs
+
+logger = logging.getLogger(__name__)
+
+
+def committed_runs(output: str, storage_options: dict | None = None, model: str | None = None) -> list[RunSummary]:
+    """Committed runs under ``output``, oldest commit first (optionally of one model)."""
+    runs = [r for r in list_runs(output, storage_options) if r.status == "committed"]
+    runs = [r for r in runs if model is None or r.model == model]
+    return sorted(runs, key=lambda r: (r.committed_at, r.run_id))
+
+
+def committed_files(runs: list[RunSummary], table: str) -> list[str]:
+    """The ``table`` files ("predictions" or "errors") of ``runs``."""
+    from .commit import table_of
+
+    return [f for r in runs for f in r.files if table_of(f) == table]
+
+
+def read_files(files: list[str], columns: list[str], storage_options: dict | None = None,
+               filter=None) -> pa.Table | None:
+    """Read ``columns`` of Parquet ``files`` (one filesystem); None when there are none."""
+    if not files:
+        return None
+    fs = storage.filesystem(files[0], storage_options)[0]
+    dataset = ds.dataset([fs._strip_protocol(f) for f in files], filesystem=fs, format="parquet")
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def version_key(table: pa.Table) -> pa.Array:
+    """The object version used for change detection: its etag, else size and mtime."""
+    size = pc.cast(table["source_size"], pa.string())
+    mtime = pc.cast(pc.cast(table["source_mtime"], pa.int64()), pa.string())
+    fallback = pc.binary_join_element_wise(pc.fill_null(size, "?"), pc.fill_null(mtime, "?"), "/")
+    etag = pc.binary_join_element_wise("etag", table["source_etag"], ":")
+    return pc.if_else(pc.is_valid(table["source_etag"]), etag, fallback)
+
+
+_VERSION_COLUMNS = ["uri", "source_size", "source_etag", "source_mtime"]
+
+
+def scored_versions(output: str, model: str, revision: str | None,
+                    storage_options: dict | None = None) -> pa.Table:
+    """(uri, version) of every successful prediction by this model and revision."""
+    files = committed_files(committed_runs(output, storage_options, model), "predictions")
+    table = read_files(files, _VERSION_COLUMNS, storage_options,
+                       filter=ds.field("model_revision") == revision if revision else None)
+    if table is None:
+        return pa.table({"uri": pa.array([], pa.string()), "version": pa.array([], pa.string())})
+    return pa.table({"uri": table["uri"], "version": version_key(table)})
+
+
+def failed_uris(output: str, model: str, which: str, storage_options: dict | None = None) -> set[str]:
+    """URIs that failed in run ``which``, or (``which == "any"``) whose latest result is an error."""
+    runs = committed_runs(output, storage_options, model)
+    if which != "any":
+        runs = [r for r in runs if r.run_id == which]
+        if not runs:
+            raise ValueError(f"no committed run {which!r} of model {model!r} under {output}")
+        errors = read_files(committed_files(runs, "errors"), ["uri"], storage_options)
+        return set(errors["uri"].to_pylist()) if errors is not None else set()
+    newest = latest(output, storage_options, model)
+    return set(newest.filter(pc.equal(newest["status"], "failed"))["uri"].to_pylist())
+
+
+def latest(output: str, storage_options: dict | None = None, model: str | None = None) -> pa.Table:
+    """The newest committed result per URI: (uri, status, run_id, at) across both tables.
+
+    "Newest" is by commit order, so reprocessing a URI replaces its row here
+    without rewriting the partitions that hold the older one.
+    """
+    runs = committed_runs(output, storage_options, model)
+    order = {r.run_id: i for i, r in enumerate(runs)}
+    parts = []
+    for table, status, at in (("predictions", "scored", "scored_at"), ("errors", "failed", "failed_at")):
+        t = read_files(committed_files(runs, table), ["uri", "run_id", at], storage_options)
+        if t is not None:
+            parts.append(pa.table({"uri": t["uri"], "status": pa.array([status] * t.num_rows),
+                                   "run_id": t["run_id"], "at": t[at]}))
+    if not parts:
+        return pa.table({"uri": pa.array([], pa.string()), "status": pa.array([], pa.string()),
+                         "run_id": pa.array([], pa.string())})
+    both = pa.concat_tables(parts)
+    rank = pa.array([order.get(r, -1) for r in both["run_id"].to_pylist()])
+    both = both.append_column("commit_order", rank).sort_by([("commit_order", "descending")])
+    keep, seen = [], set()
+    for i, uri in enumerate(both["uri"].to_pylist()):  # first row per uri is its newest
+        if uri not in seen:
+            seen.add(uri)
+            keep.append(i)
+    return both.take(pa.array(keep, pa.int64())).drop_columns(["commit_order"])

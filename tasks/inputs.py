@@ -1,0 +1,138 @@
+"""What a run reads: a listing or a manifest, narrowed by patterns, time and limit.
+
+A manifest is a file of URIs: ``.txt`` (one per line), ``.csv`` or
+``.parquet`` with a ``uri`` column. Version columns, where present, are used
+as they are (``size``, ``etag``, ``last_modified``, including the spellings
+of S3 Inventory reports); otherwise each object is looked up. Everything is a
+stream: manifests are read in record batches, listings a directory at a time.
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import logging
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+from . import storage
+from .enumerate import ImageObject, list_images
+from .settings import ScoreSettings
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+_ALIASES = {  # our name -> accepted column names (S3 Inventory and common exports)
+    "uri": ("uri", "url", "path"),
+    "size": ("size", "source_size", "Size"),
+    "etag": ("etag", "source_etag", "ETag", "e_tag"),
+    "mtime": ("last_modified", "source_mtime", "mtime", "LastModifiedDate", "last_modified_date"),
+}
+_BATCH = 10_000
+
+
+def is_manifest(uri: str, storage_options: dict | None = None) -> bool:
+    """True when ``uri`` is a manifest file rather than images to list."""
+    if not uri.lower().endswith(MANIFEST_SUFFIXES):
+        return False
+    fs, path = storage.filesystem(uri, storage_options)
+    return fs.isfile(path)
+
+
+def list_inputs(settings: ScoreSettings) -> Iterator[ImageObject]:
+    """The run's candidate images, filtered and limited as the settings say."""
+    if is_manifest(settings.input, settings.storage_options):
+        objects, root = read_manifest(settings.input, settings.storage_options), ""
+    else:
+        objects = list_images(settings.input, settings.storage_options)
+        fs, path = storage.filesystem(settings.input, settings.storage_options)
+        root = storage.to_uri(fs, path.split("*", 1)[0].rstrip("/")) + "/"
+    selected = (o for o in objects if _selected(o, root, settings))
+    return itertools.islice(selected, settings.limit) if settings.limit else selected
+
+
+def _selected(obj: ImageObject, root: str, s: ScoreSettings) -> bool:
+    rel = obj.uri[len(root):] if root and obj.uri.startswith(root) else obj.uri
+    if s.include and not any(fnmatch.fnmatchcase(rel, p) for p in s.include):
+        return False
+    if any(fnmatch.fnmatchcase(rel, p) for p in s.exclude):
+        return False
+    if obj.mtime is not None:  # objects without a time cannot be placed in a window: kept
+        if s.modified_after and obj.mtime < _utc(s.modified_after):
+            return False
+        if s.modified_before and obj.mtime >= _utc(s.modified_before):
+            return False
+    return True
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def read_manifest(uri: str, storage_options: dict | None = None) -> Iterator[ImageObject]:
+    """Stream the entries of a manifest file as ImageObjects."""
+    fs, path = storage.filesystem(uri, storage_options)
+    with fs.open(path, "rb") as fh:
+        if path.lower().endswith(".txt"):
+            batches = _text_batches(fh)
+        elif path.lower().endswith(".csv"):
+            import pyarrow.csv as pcsv
+
+            batches = pcsv.open_csv(fh, read_options=pcsv.ReadOptions(block_size=1 << 22))
+        else:
+            import pyarrow.parquet as pq
+
+            batches = pq.ParquetFile(fh).iter_batches(batch_size=_BATCH)
+        for batch in batches:
+            yield from _objects(pa.Table.from_batches([batch]), uri, storage_options)
+
+
+def _text_batches(fh) -> Iterator[pa.RecordBatch]:
+    lines = (raw.decode("utf-8").strip() for raw in fh)
+    entries = (line for line in lines if line and not line.startswith("#"))
+    while chunk := list(itertools.islice(entries, _BATCH)):
+        yield pa.RecordBatch.from_pydict({"uri": chunk})
+
+
+def _column(table: pa.Table, ours: str) -> list | None:
+    for name in _ALIASES[ours]:
+        if name in table.column_names:
+            return table[name].to_pylist()
+    return None
+
+
+def _objects(table: pa.Table, manifest: str, storage_options) -> Iterator[ImageObject]:
+    uris = _column(table, "uri")
+    if uris is None:
+        raise ValueError(f"manifest {manifest!r} has no 'uri' column (columns: {table.column_names})")
+    sizes, etags, mtimes = (_column(table, k) for k in ("size", "etag", "mtime"))
+    if sizes is None and etags is None and mtimes is None:
+        yield from _looked_up(uris, storage_options)
+        return
+    # one scheme per manifest (a run reads through one filesystem); URIs are made
+    # canonical so '/x.jpg' and 'file:///x.jpg' are the same image everywhere
+    fs, _ = storage.filesystem(uris[0], storage_options) if uris else (None, None)
+    for i, uri in enumerate(uris):
+        uri = storage.to_uri(fs, fs._strip_protocol(uri))
+        mtime = mtimes[i] if mtimes else None
+        if isinstance(mtime, str):
+            mtime = datetime.fromisoformat(mtime.replace("Z", "+00:00"))
+        yield ImageObject(uri, sizes[i] if sizes else None, etags[i] if etags else None,
+                          _utc(mtime) if mtime else None)
+
+
+def _looked_up(uris: Iterable[str], storage_options: dict | None) -> Iterator[ImageObject]:
+    """Version facts for manifest entries that carry none. A missing object still
+    yields an entry: it becomes a not_found error row, never a silent drop."""
+    fs = None
+    for uri in uris:
+        if fs is None:
+            fs, _ = storage.filesystem(uri, storage_options)
+        path = fs._strip_protocol(uri)
+        try:
+            info: dict[str, Any] = fs.info(path)
+        except Exception:  # noqa: BLE001 - reported when the image is read
+            info = {}
+        etag, mtime = storage.object_version(info)
+        yield ImageObject(storage.to_uri(fs, path), info.get("size"), etag, mtime)
