@@ -1,23 +1,18 @@
 """Measure how far fast JPEG decoding and low-precision CPU inference move DeiT scores.
 
-What it measures, on real photographs shipped with scikit-learn and scikit-image
-(8 sources, each as a JPEG at its original size, upscaled to ~12 MP, and resized to
-ImageNet-like 500 px on the long side; PNG sources re-encoded as JPEG at quality 90):
+Images: 8 photographs shipped with scikit-learn and scikit-image, each as a JPEG at its
+original size, at 500 px long side and upscaled to ~12 MP (LANCZOS; re-encoded at quality 90).
 
-1. fast decode (``decode_image(draft_side=preprocessor.min_decode_side())``, the
-   pipeline's ``--fast-decode``) vs exact decode, with a random-weight
-   transformers DeiT-base-distilled-224, fp32 on CPU: top-1 agreement, top-5 set
-   overlap, embedding cosine (min, mean), max |difference| over all 1000 class
-   probabilities, per size group; how many images draft() actually reduced; decode
-   and preprocessing time per image (median of 3, time.perf_counter);
+1. fast decode (``decode_image(draft_side=preprocessor.min_decode_side())``, the pipeline's
+   ``--fast-decode``) vs exact decode, random-weight transformers DeiT-base-distilled-224,
+   fp32 on CPU: top-1 agreement, top-5 set overlap, embedding cosine (min, mean), max |diff|
+   over all 1000 class probabilities, per size group; how many images draft() reduced; the
+   change of the model input in 8-bit levels; decode/preprocess ms per image (median of 3);
 2. bf16 and fp16 vs fp32 on CPU on the same exact-decoded pixels;
-3. fast vs exact decode for timm's deit_base_distilled_patch16_224.fb_in1k
-   (random weights, timm preprocessing).
-
-1 and 2 are run twice: with the default init (initializer_range=0.02, which gives
-an almost flat softmax) and with initializer_range=0.2 ("peaked"). Random weights
-make labels meaningless; agreement between two decodings or dtypes of the SAME
-weights still measures numerical drift.
+3. fast vs exact decode for timm's deit_base_distilled_patch16_224.fb_in1k (random weights).
+1 and 2 run with the default init (initializer_range=0.02: near-flat softmax) and with
+initializer_range=0.2 ("peaked"). Random weights make labels meaningless; agreement between two
+decodings or dtypes of the SAME weights still measures numerical drift.
 
 Run:  .venv/bin/python benchmarks/agreement.py --out docs/agreement.md
 (--smoke uses 2-layer models to check the script quickly; its numbers mean nothing.)
@@ -34,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +52,9 @@ def sources() -> list[tuple[str, Path]]:
 
     skl = Path(sklearn.__file__).parent / "datasets" / "images"
     ski = Path(skimage.data.__path__[0])
+    files = "rocket.jpg hubble_deep_field.jpg retina.jpg astronaut.png chelsea.png coffee.png".split()
     return ([(n, skl / f"{n}.jpg") for n in ("china", "flower")]
-            + [(n, ski / f) for n, f in (("rocket", "rocket.jpg"), ("hubble", "hubble_deep_field.jpg"),
-                                         ("retina", "retina.jpg"), ("astronaut", "astronaut.png"),
-                                         ("chelsea", "chelsea.png"), ("coffee", "coffee.png"))])
+            + [(f.split(".")[0].split("_")[0], ski / f) for f in files])
 
 
 def to_jpeg(img: Image.Image, size=None) -> bytes:
@@ -79,17 +74,13 @@ def build_images() -> list[dict]:
         for group, data in (("original", path.read_bytes() if path.suffix == ".jpg" else to_jpeg(img)),
                             ("500px", to_jpeg(img, (round(w * s5), round(h * s5)))),
                             ("12MP", to_jpeg(img, (round(w * s12), round(h * s12))))):
-            out.append({"name": name, "group": group, "data": data})
+            out.append({"name": name, "group": group, "data": data,
+                        "png": path.read_bytes() if group == "original" and path.suffix == ".png" else None})
     return out
 
 
 def median_ms(fn, repeats=3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(fn, timer=time.perf_counter, number=1, repeat=repeats)) * 1e3
 
 
 def decode_all(images, prep) -> dict:
@@ -107,11 +98,20 @@ def decode_all(images, prep) -> dict:
             "dec_fast": median_ms(lambda: dm.decode_image(im["data"], draft_side=side)),
             "prep_exact": median_ms(lambda: prep([ex])), "prep_fast": median_ms(lambda: prep([fa]))})
     r["px_exact"], r["px_fast"] = prep(r["exact"]), prep(r["fast"])
-    cfg = prep.to_dict()  # model-independent drift: mean |diff| of the model input, in 8-bit levels
-    std = np.asarray(cfg.get("image_std") or cfg.get("std"), dtype=np.float32).reshape(1, 3, 1, 1)
-    for rw, d in zip(r["rows"], np.abs(r["px_fast"] - r["px_exact"]) * std * 255):
-        rw["dpix"] = float(d.mean())
+    for rw, d in zip(r["rows"], levels(prep, r["px_fast"], r["px_exact"])):
+        rw["dpix"] = d
+    # yardstick: what JPEG q90 re-encoding of the PNG sources does to the same model input
+    pngs = [im for im in images if im["png"]]
+    r["yardstick"] = [(im["name"], d) for im, d in zip(pngs, levels(
+        prep, prep([dm.decode_image(im["data"]) for im in pngs]), prep([dm.decode_image(im["png"]) for im in pngs])))]
     return r
+
+
+def levels(prep, a, b) -> list[float]:
+    """Per-image mean |a - b| of preprocessed inputs, in 8-bit levels (model-independent drift)."""
+    cfg = prep.to_dict()
+    std = np.asarray(cfg.get("image_std") or cfg.get("std"), dtype=np.float32).reshape(1, 3, 1, 1)
+    return [float(d.mean()) for d in np.abs(a - b) * std * 255]
 
 
 def score_all(ckpt: str, pixels: np.ndarray, dtype="fp32", batch=8):
@@ -163,7 +163,8 @@ def fast_table(title, a, b, rows) -> list[str]:
 
 def dtype_table(title, ckpt, px, ref) -> list[str]:
     lines = [f"**{title}**: dtype vs fp32 on CPU, same exact-decoded pixels "
-             f"(ms/image = one pass in batches of 8, warm-up included; fp32 {ref[2]:.0f} ms/image)", "", HDR.format("dtype")]
+             f"(ms/image = one pass in batches of 8, warm-up included; fp32 {ref[2]:.0f} ms/image)", "",
+             HDR.format("dtype")]
     for dt in ("bf16", "fp16"):
         try:
             run = score_all(ckpt, px, dt)
@@ -175,8 +176,8 @@ def dtype_table(title, ckpt, px, ref) -> list[str]:
 
 def decode_tables(dec_hf, dec_timm) -> list[str]:
     lines = ["**Decode sizes and time per image** (ms, median of 3; preprocessing = the model's own transform "
-             "of that one decoded image; input mean abs diff = mean |fast - exact| of the preprocessed 224x224 model input, "
-             "in 8-bit levels, independent of the weights)", "",
+             "of that one decoded image; input mean abs diff = mean |fast - exact| of the preprocessed 224x224 "
+             "model input, in 8-bit levels, independent of the weights)", "",
              f"| image | group | exact size | fast size, HF (side {dec_hf['side']}) | fast size, timm "
              f"(side {dec_timm['side']}) | decode exact | decode fast (HF) | preprocess exact | preprocess fast "
              "| input mean abs diff HF / timm |", "|---|" + "---|" * 9]
@@ -194,8 +195,11 @@ def decode_tables(dec_hf, dec_timm) -> list[str]:
         tot = lambda s: statistics.median(r["dec_" + s] + r["prep_" + s] for r in rs)  # noqa: E731
         red_t = sum(r["reduced"] for r in dec_timm["rows"] if r["group"] == g)
         lines.append(f"| {g} | {len(rs)} | {sum(r['reduced'] for r in rs)} | {red_t} | {med('dec_exact'):.1f} | "
-                     f"{med('dec_fast'):.1f} | {tot('exact'):.1f} | {tot('fast'):.1f} | {max(r['dpix'] for r in rs):.2f} / "
+                     f"{med('dec_fast'):.1f} | {tot('exact'):.1f} | {tot('fast'):.1f} | "
+                     f"{max(r['dpix'] for r in rs):.2f} / "
                      f"{max(r['dpix'] for r in dec_timm['rows'] if r['group'] == g):.2f} |")
+    lines.append("Yardstick, JPEG q90 re-encode vs the PNG source, input mean abs diff HF / timm: " + ", ".join(
+        f"{n} {a:.2f} / {b:.2f}" for (n, a), (_, b) in zip(dec_hf["yardstick"], dec_timm["yardstick"])) + ".")
     return lines + [""]
 
 
@@ -209,7 +213,13 @@ def machine() -> str:
             f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}\n"
             f"- Python {platform.python_version()}, torch {torch.__version__}, PIL {PIL.__version__}, "
             f"transformers {transformers.__version__}, timm {timm.__version__}; seed {SEED}\n"
-            f"- load average at start (1/5/15 min): {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            f"- at start: {load()}")
+
+
+def load() -> str:
+    """Load average and CPU pressure: other processes on the box inflate the timings."""
+    psi = open("/proc/pressure/cpu").readline().split()[2] if os.path.exists("/proc/pressure/cpu") else "avg60=?"
+    return f"load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min), CPU pressure some {psi}%"
 
 
 def main() -> None:
@@ -220,8 +230,8 @@ def main() -> None:
     t_start = time.perf_counter()
     hf_small = {"num_hidden_layers": 2} if args.smoke else {}
     images = build_images()
-    out = [f"Command: `.venv/bin/python benchmarks/agreement.py --out {args.out}`"
-           + (" --smoke (2-layer models: numbers are meaningless)" if args.smoke else ""), "", machine(), "",
+    out = [f"Command: `.venv/bin/python benchmarks/agreement.py --out {args.out}{' --smoke' if args.smoke else ''}`"
+           + (" (2-layer models: numbers are meaningless)" if args.smoke else ""), "", machine(), "",
            f"{len(images)} JPEGs: 8 sources x (original size, 500 px long side, ~12 MP), LANCZOS-resized, "
            "quality 90 (native JPEGs at original size are the shipped files).", ""]
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,8 +251,7 @@ def main() -> None:
             out += dtype_table(title, ckpt, dec_hf["px_exact"], ref)
         out += fast_table(f"timm {TIMM_NAME}, random init", score_all(timm_ckpt, dec_timm["px_exact"]),
                           score_all(timm_ckpt, dec_timm["px_fast"]), dec_timm["rows"])
-    out.append(f"Total run time: {time.perf_counter() - t_start:.0f} s; load average at end: "
-               + " / ".join(f"{x:.2f}" for x in os.getloadavg()) + ".")
+    out.append(f"Total run time: {time.perf_counter() - t_start:.0f} s; at end: {load()}.")
     text = "\n".join(out)
     print(text)
     path = Path(args.out)

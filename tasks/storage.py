@@ -21,9 +21,19 @@ class InputNotFoundError(FileNotFoundError):
     """The input location does not exist or holds no objects."""
 
 
+# Object stores whose fsspec drivers cache directory listings inside their
+# (themselves cached) filesystem instances. A long-lived worker would then miss
+# objects added since its last listing, and even fail to open files written
+# after it; every listing here must be fresh, so the cache is off by default.
+_LISTING_CACHES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+
+
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     """``(fs, path)`` for ``uri``; plain paths are local files."""
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if fsspec.core.split_protocol(uri)[0] in _LISTING_CACHES:
+        options.setdefault("use_listings_cache", False)
+    return fsspec.core.url_to_fs(uri, **options)
 
 
 def join(base: str, *parts: str) -> str:
@@ -127,14 +137,16 @@ class AtomicWriter:
             self.fs.mv(self.tmp, self.path)
 
     def abort(self) -> None:
+        """Drop what was written; never raises, so the error that caused it stays visible."""
         try:
-            if hasattr(self.handle, "discard"):
-                self.handle.discard()  # s3fs: abandon the multipart upload
+            if self.tmp == self.path and hasattr(self.handle, "discard"):
+                self.handle.discard()  # object stores: abandon the upload, nothing appears
             else:
                 self.handle.close()
-        finally:
             if self.tmp != self.path and self.fs.exists(self.tmp):
                 self.fs.rm_file(self.tmp)
+        except Exception:  # noqa: BLE001
+            logger.warning("could not clean up %s", self.tmp, exc_info=True)
 
 
 def write_atomic(fs, path: str, data: bytes) -> None:
