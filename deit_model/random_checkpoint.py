@@ -38,12 +38,14 @@ def known_checkpoints() -> list[str]:
     return sorted(_hub_configs())
 
 
-def create_random_checkpoint(name: str, out_dir: str | Path, *, seed: int = 0, **overrides) -> Path:
+def create_random_checkpoint(name: str, out_dir: str | Path, *, seed: int = 0, labels: list[str] | None = None,
+                             **overrides) -> Path:
     """Write a random-weight checkpoint of hub model ``name`` to ``out_dir``.
 
     ``overrides`` change config fields (for example ``hidden_size=64,
-    num_hidden_layers=2`` for a fast test model, or ``num_labels=4`` and
-    ``problem_type``) while keeping the architecture and preprocessing.
+    num_hidden_layers=2`` for a fast test model, or ``problem_type``) while
+    keeping the architecture and preprocessing; ``labels`` gives a fine-tune
+    its own label set (the head gets one output per label).
     """
     import transformers
 
@@ -51,8 +53,9 @@ def create_random_checkpoint(name: str, out_dir: str | Path, *, seed: int = 0, *
         raise KeyError(f"no published configuration for {name!r}; known: {known_checkpoints()}")
     entry = _hub_configs()[name]
     cfg = dict(entry["config"], **overrides)
-    num_labels = int(cfg.pop("num_labels", 1000))
-    names = imagenet_labels() if num_labels == 1000 else [f"class_{i}" for i in range(num_labels)]
+    num_labels = len(labels) if labels else int(cfg.pop("num_labels", 1000))
+    cfg.pop("num_labels", None)
+    names = labels or (imagenet_labels() if num_labels == 1000 else [f"class_{i}" for i in range(num_labels)])
     cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
     cfg["label2id"] = {n: i for i, n in enumerate(names)}
     config = transformers.AutoConfig.for_model(**cfg)

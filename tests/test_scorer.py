@@ -79,6 +79,53 @@ def test_non_distilled_vit_class_checkpoint(tmp_path, photos):
     np.testing.assert_allclose(ours.embedding, h[:, 0].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [
+    "facebook/deit-tiny-distilled-patch16-224", "facebook/deit-small-distilled-patch16-224",
+    "facebook/deit-base-distilled-patch16-224", "facebook/deit-base-distilled-patch16-384",
+    "facebook/deit-tiny-patch16-224", "facebook/deit-small-patch16-224", "facebook/deit-base-patch16-224",
+])
+def test_every_hub_checkpoint_matches_transformers(name, tmp_path, photos):
+    """Each published configuration (small width, real preprocessing) against transformers itself."""
+    from deit_model import inspect_checkpoint
+
+    ckpt = create_random_checkpoint(name, tmp_path / "c", **TINY_OVERRIDES)
+    images = _photos(photos)
+    pre = load_preprocessor(str(ckpt))
+    ref_proc = AutoImageProcessor.from_pretrained(ckpt)
+    np.testing.assert_array_equal(pre(images), ref_proc(images, return_tensors="pt")["pixel_values"].numpy())
+    ours = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32").score(pre(images))
+    ref_scores, ref_ids = _reference(ckpt, images).softmax(-1).topk(5)
+    np.testing.assert_array_equal(ours.label_ids, ref_ids.numpy())
+    np.testing.assert_allclose(ours.scores, ref_scores.numpy(), atol=1e-4)
+    distilled = "distilled" in name
+    backbone = (DeiTModel if distilled else ViTModel).from_pretrained(ckpt, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        h = backbone(**ref_proc(images, return_tensors="pt")).last_hidden_state
+    ref_emb = ((h[:, 0] + h[:, 1]) / 2 if distilled else h[:, 0]).numpy()
+    cos = (ours.embedding * ref_emb).sum(1) / np.linalg.norm(ours.embedding, axis=1) / np.linalg.norm(ref_emb, axis=1)
+    assert cos.min() >= 0.9999
+    side = 384 if "384" in name else 224
+    assert pre(images[:1]).shape == (1, 3, side, side)
+    assert inspect_checkpoint(str(ckpt)).architecture == (
+        "DeiTForImageClassificationWithTeacher" if distilled else "ViTForImageClassification")
+
+
+def test_multi_class_fine_tune_with_its_own_labels(tmp_path, photos):
+    """An Azure fridgeObjects-style multi-class fine-tune: its own label set, softmax."""
+    fridge = ["can", "carton", "milk_bottle", "water_bottle"]
+    ckpt = create_random_checkpoint("facebook/deit-base-patch16-224", tmp_path / "fridge", labels=fridge,
+                                    **TINY_OVERRIDES)
+    images = _photos(photos)[:3]
+    scorer = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32")
+    ours = scorer.score(load_preprocessor(str(ckpt))(images))
+    assert scorer.activation == "softmax" and ours.label_ids.shape == (3, 4)  # top_k capped at 4 labels
+    np.testing.assert_allclose(ours.scores.sum(axis=1), 1.0, atol=1e-5)
+    pipe = pipeline("image-classification", model=str(ckpt), device="cpu")
+    for i, row in enumerate(pipe(images, top_k=4)):
+        assert [r["label"] for r in row] == scorer.labels(ours.label_ids)[i]
+        assert set(r["label"] for r in row) == set(fridge)
+
+
 def test_multi_label_checkpoint_uses_sigmoid(tmp_path, photos):
     ckpt = create_random_checkpoint(
         "facebook/deit-tiny-distilled-patch16-224", tmp_path / "ml", num_labels=4,
