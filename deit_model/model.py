@@ -161,7 +161,11 @@ def _create_hf_model(local_dir: str, info: CheckpointInfo, dtype: torch.dtype) -
 
 def weights_error(local_dir: str, exc: BaseException) -> ModelLoadError:
     """A ModelLoadError for weights that failed to load, naming refused pickles as such."""
-    if "Weights only load failed" in str(exc):
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 8:  # timm and transformers wrap torch's error
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if any("Weights only load failed" in text for text in chain):
         # torch's own text suggests weights_only=False: exactly what must not happen
         return ModelLoadError(
             f"refused to load {local_dir!r}: its pickled weights hold objects other than "

@@ -78,7 +78,8 @@ def run_demo(output: str = "demo-output", num_images: int = 24) -> int:
 
     out = Path(output).resolve()
     images = out / "sample-images"
-    generate_sample_images(images, num_images)
+    if not images.exists():  # generated once: a second demo run shows the incremental skip
+        generate_sample_images(images, num_images)
     params = {"input": str(images), "output": str(out), "model": demo_model(),
               # fractional reservations so the demo also fits a 1- or 2-core machine
               "cpus_per_actor": 0.5, "decode_cpus": 0.5, "batch_size": 8}
@@ -94,7 +95,7 @@ def _show(out: Path) -> None:
     preds = ds.dataset(out / "predictions", partitioning="hive").to_table(
         columns=["uri", "labels", "scores", "embedding"])
     errs = ds.dataset(out / "errors", partitioning="hive").to_table(columns=["uri", "error_type"])
-    print(f"\n{preds.num_rows} predictions, {errs.num_rows} errors; first rows:")
+    print(f"\nthe dataset holds {preds.num_rows} predictions and {errs.num_rows} errors; first rows:")
     for row in preds.slice(0, 3).to_pylist():
         print(f"  {os.path.basename(row['uri'])}: {row['labels'][0]!r} {row['scores'][0]:.4f} "
               f"(embedding of {len(row['embedding'])} floats)")

@@ -1,4 +1,4 @@
-"""The ``score-images`` Prefect flow: plan -> score (Ray, staged) -> commit -> report.
+"""The ``score-images`` Prefect flow: plan -> score (Ray, staged) -> commit.
 
 Its parameters are generated from :class:`tasks.settings.ScoreSettings`, so the
 server validates them (types and bounds) before anything runs. Tasks exchange
@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from deit_model import resolve_checkpoint
+from tasks import storage
 from tasks.commit import commit, discard_staging, roll_forward
 from tasks.pipeline import ErrorThresholdExceeded, check_failures, score_run
 from tasks.plan import RunInfo, new_run, plan_run, resumed_run
@@ -63,7 +64,9 @@ def _open(settings: ScoreSettings) -> tuple[RunInfo, RunSummary, bool]:
                              started_at=run.started_at)
         return run, summary, False
     previous.message = ""
-    return resumed_run(settings, previous), previous, previous.status != "committed"
+    run = resumed_run(settings, previous)
+    fs, plan = storage.filesystem(run.plan_uri, settings.storage_options)
+    return run, previous, fs.exists(plan)  # a run that died while planning plans again
 
 
 def _score_images(**params) -> RunSummary:
@@ -84,14 +87,17 @@ def _score_images(**params) -> RunSummary:
         t1 = time.monotonic()
         for key, value in score_task(settings, run).items():
             setattr(summary, key, value)
-        summary.timings_s = {**summary.timings_s, "plan": round(t1 - t0, 3), "score": round(time.monotonic() - t1, 3)}
+        timings = {"score": round(time.monotonic() - t1, 3)}
+        if not resumed:
+            timings["plan"] = round(t1 - t0, 3)  # a resumed run keeps its first attempt's plan time
+        summary.timings_s = {**summary.timings_s, **timings}
         check_failures(settings, summary.to_score, summary.failed, summary.errors_by_type)
+        if summary.listed == 0:
+            summary.message = f"no images found under {settings.input}"
         summary = commit_task(summary, run, settings)
     except Exception as exc:
         _record_failure(summary, run, settings, exc)
         raise
-    if summary.listed == 0:
-        summary.message = f"no images found under {settings.input}"
     return summary
 
 

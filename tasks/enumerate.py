@@ -1,8 +1,8 @@
 """Enumerate image objects under an input location, and the run's plan file.
 
 The listing is a generator (``fs.walk`` for prefixes, a directory at a time);
-the plan is a Parquet file that the scoring step reads, so no list of URIs
-passes through Prefect.
+the plan step collects it into one Arrow table and writes it as the run's plan
+file, which the scoring step reads, so no list of URIs passes through Prefect.
 """
 from __future__ import annotations
 

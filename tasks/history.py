@@ -94,7 +94,7 @@ def latest(output: str, storage_options: dict | None = None, model: str | None =
                                    "run_id": t["run_id"], "at": t[at]}))
     if not parts:
         return pa.table({"uri": pa.array([], pa.string()), "status": pa.array([], pa.string()),
-                         "run_id": pa.array([], pa.string())})
+                         "run_id": pa.array([], pa.string()), "at": pa.array([], pa.timestamp("us", tz="UTC"))})
     both = pa.concat_tables(parts)
     rank = pa.array([order.get(r, -1) for r in both["run_id"].to_pylist()])
     both = both.append_column("commit_order", rank).sort_by([("commit_order", "descending")])

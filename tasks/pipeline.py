@@ -95,7 +95,8 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
         fn_constructor_kwargs={
             # actors load the already-resolved local copy when they share this machine's
             # disk; on a remote cluster they resolve the original reference themselves
-            "model": ref.source, "revision": settings.revision, "device": placement.device,
+            # the resolved revision (hub commit), so every actor loads the weights the driver recorded
+            "model": ref.source, "revision": ref.revision, "device": placement.device,
             "dtype": settings.dtype, "top_k": settings.top_k,
             "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name,
             "spec": writer.spec})

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 # parameters that define what a run computes: a resume must not change them
 IDENTITY = ("input", "output", "model", "revision", "top_k", "token_features", "embedding_dtype",
             "fast_decode", "force", "only_failed", "include", "exclude", "modified_after",
-            "modified_before", "limit")
+            "modified_before", "limit", "dtype", "max_pixels")
 
 
 @dataclass(frozen=True)
@@ -87,27 +87,34 @@ class PlanCounts:
 
 
 def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | None) -> PlanCounts:
-    """List the input, choose what to score, and write the run's plan file."""
+    """List the input, choose what to score, and write the run's plan file.
+
+    ``limit`` cuts the plan (after already-scored images are skipped), so
+    ``skipped + to_score`` can be less than ``listed``.
+    """
     from .history import failed_uris, scored_versions, version_key
     from .inputs import list_inputs
 
     listing = _listing_table(list_inputs(settings))
     counts = PlanCounts(listed=listing.num_rows)
+    known = None  # URIs with an earlier successful prediction: what "changed" means
     if settings.only_failed:
         wanted = failed_uris(settings.output, model, settings.only_failed, settings.storage_options)
         plan = listing.filter(pc.is_in(listing["uri"], pa.array(sorted(wanted), pa.string())))
-        counts.changed = plan.num_rows  # rescored: they have a result already
     elif settings.force:
-        plan, counts.changed = listing, listing.num_rows
+        plan = listing
     else:
         scored = scored_versions(settings.output, model, revision, settings.storage_options)
         keyed = listing.append_column("version", version_key(listing))
         plan = keyed.join(scored, keys=["uri", "version"], join_type="left anti").drop_columns(["version"])
-        known = pc.is_in(plan["uri"], scored["uri"])
-        counts.changed = pc.sum(known).as_py() or 0
-        counts.new = plan.num_rows - counts.changed
+        known = scored["uri"]
+    counts.skipped = counts.listed - plan.num_rows
+    if settings.limit and plan.num_rows > settings.limit:
+        # the limit bounds the work, after the skip: a limited nightly run still progresses
+        plan = plan.slice(0, settings.limit)
     counts.to_score = plan.num_rows
-    counts.skipped = counts.listed - counts.to_score
+    counts.changed = plan.num_rows if known is None else (pc.sum(pc.is_in(plan["uri"], known)).as_py() or 0)
+    counts.new = plan.num_rows - counts.changed
     write_plan(plan, run.plan_uri, settings.storage_options)
     if counts.listed == 0:
         logger.warning("no images found under %s (extensions: %s)", settings.input,

@@ -32,7 +32,7 @@ class RunSummary:
     preprocessing: dict = field(default_factory=dict)  # the image processor's config
     run_date: str = ""
     listed: int = 0  # objects the input held after include/exclude/time/limit
-    new: int = 0  # never scored by this model and revision
+    new: int = 0  # no successful prediction by this model and revision yet (earlier failures count as new)
     changed: int = 0  # scored before, but the object changed since (etag, or size+mtime)
     skipped: int = 0  # already scored with this version: not scored again
     to_score: int = 0  # new + changed (or everything, with force; the failed ones, with only_failed)

@@ -2,9 +2,10 @@
 
 Layout under the output root::
 
-    predictions/model_slug=<slug>/run_date=<YYYY-MM-DD>/part-<run_id>-<NNNNN>.parquet
-    errors/model_slug=<slug>/run_date=<YYYY-MM-DD>/part-<run_id>-<NNNNN>.parquet
+    predictions/model_slug=<slug>/run_date=<YYYY-MM-DD>/part-<run_id>-<attempt>-<NNNNN>.parquet
+    errors/model_slug=<slug>/run_date=<YYYY-MM-DD>/part-<run_id>-<attempt>-<NNNNN>.parquet
     _runs/<run_id>/plan.parquet, _runs/<run_id>/manifest.json
+    _staging/<run_id>/...   (a run's files until it commits; see tasks/commit.py)
 
 The partition keys are named ``model_slug`` and ``run_date`` and are not
 columns inside the files: a key that is also a file column makes

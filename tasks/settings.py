@@ -26,7 +26,7 @@ class ScoreSettings(BaseModel):
     input: str = Field(description="images to score: a local path, an fsspec URI prefix (s3://bucket/dir), a glob, "
                                    "or a manifest file (.txt, .csv or .parquet with a uri column)")
     output: str = Field(description="where the Parquet dataset is written: a local path or an fsspec URI")
-    model: str = Field(DEFAULT_MODEL, description="hub id, local checkpoint directory or fsspec URI of one")
+    model: str = Field(DEFAULT_MODEL, description="hub id, timm:<name>, local checkpoint directory or fsspec URI of one")
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of the model")
     top_k: int = Field(5, ge=1, le=1000, description="how many labels to keep per image")
     batch_size: int = Field(32, ge=1, le=4096, description="images per model forward pass")

@@ -19,13 +19,26 @@ def _uris(**kw):
 
 def test_include_exclude_are_relative_to_the_input(image_dir):
     assert _uris(input=str(image_dir), include=["photos/*.jpg"]) == ["china.jpg", "flower.jpg", "rocket.jpg"]
+    # with a glob input, patterns are relative to the part before the first glob character
+    assert _uris(input=str(image_dir / "pho?os" / "*"), include=["photos/c*"]) == \
+        ["camera.png", "chelsea.png", "china.jpg", "coffee.png"]
     everything = _uris(input=str(image_dir))
     no_generated = _uris(input=str(image_dir), exclude=["generated/*"])
     assert len(no_generated) == 8 and len(everything) > 8
 
 
-def test_limit_and_time_window(image_dir, tmp_path):
-    assert len(_uris(input=str(image_dir), limit=3)) == 3
+def test_limit_bounds_the_plan_after_the_skip(image_dir, tmp_path):
+    from tasks.enumerate import read_plan
+    from tasks.plan import new_run, plan_run
+
+    settings = ScoreSettings(input=str(image_dir), output=str(tmp_path / "o"), limit=3)
+    run = new_run(settings)
+    counts = plan_run(settings, run, "m", "r")
+    assert counts.listed > 3 and counts.to_score == 3 and counts.new == 3 and counts.skipped == 0
+    assert read_plan(run.plan_uri).num_rows == 3
+
+
+def test_time_window(image_dir, tmp_path):
     old = image_dir / "photos" / "china.jpg"
     stamp = datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()
     saved = old.stat().st_mtime

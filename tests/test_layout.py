@@ -83,3 +83,16 @@ def test_placement_cpu_and_gpu():
 def test_placement_refuses_layouts_that_cannot_run(kw, cpus, gpus, match):
     with pytest.raises(ResourceError, match=match):
         plan_placement(_settings(**kw), cpus=cpus, gpus=gpus)
+
+
+def test_run_files_are_matched_exactly_by_run_id(tmp_path):
+    """Run "nightly" must never claim the files of run "nightly-2" (resume and commit rely on it)."""
+    from tasks.commit import moved_files
+    from tasks.plan import RunInfo
+
+    part = tmp_path / "predictions" / "model_slug=m" / "run_date=2026-01-01"
+    part.mkdir(parents=True)
+    for name in ("part-nightly-abc123-00000.parquet", "part-nightly-2-def456-00000.parquet"):
+        (part / name).write_bytes(b"x")
+    found = moved_files(RunInfo("nightly", "2026-01-01", "", str(tmp_path)))
+    assert [f.rsplit("/", 1)[-1] for f in found] == ["part-nightly-abc123-00000.parquet"]

@@ -80,3 +80,26 @@ def test_full_size_timm_shapes(name, tokens, side, tmp_path, photos):
     assert x.shape == (1, 3, side, side)
     result = scorer.score(x, token_features=True)
     assert result.features.shape == (1, tokens, 768) and result.embedding.shape == (1, 768)
+
+
+def test_timm_checkpoint_with_pickled_code_is_refused(tmp_path):
+    import os
+    import shutil
+
+    from deit_model import ModelLoadError
+
+    ckpt = create_random_timm_checkpoint("deit_base_distilled_patch16_224.fb_in1k", tmp_path / "c",
+                                         depth=1, embed_dim=32, num_heads=2)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    shutil.copy(ckpt / "config.json", evil)
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    state = load_file(ckpt / "model.safetensors")
+    state["payload"] = RunsCode()
+    torch.save(state, evil / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="refused to load .*possibly code"):
+        create_scorer(str(evil), device="cpu")
