@@ -48,7 +48,8 @@ class ScoreSettings(BaseModel):
         default_factory=list, description="skip objects whose path (relative to input) matches one of these globs")
     modified_after: Optional[datetime] = Field(None, description="only objects modified at or after this time (ISO 8601)")
     modified_before: Optional[datetime] = Field(None, description="only objects modified before this time (ISO 8601)")
-    limit: Optional[int] = Field(None, ge=1, description="score at most this many of the listed objects")
+    limit: Optional[int] = Field(
+        None, ge=1, description="score at most this many of the objects left to score (after already scored ones are skipped)")
     force: bool = Field(False, description="rescore every listed object, even those already scored (after a model upgrade, say)")
     only_failed: Optional[str] = Field(
         None, description="rescore only objects that failed: in this run id, or 'any' for those whose latest result is an error")

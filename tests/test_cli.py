@@ -71,3 +71,16 @@ def test_flow_parameter_schema_carries_bounds():
         score_images.validate_parameters({"input": "a", "output": "b", "top_k": 0})
     ok = score_images.validate_parameters({"input": "a", "output": "b", "top_k": "3"})
     assert ok["top_k"] == 3
+
+
+def test_readme_shows_the_real_help(capsys, monkeypatch):
+    """The README's options block is `score-images run --help` verbatim: docs match the code."""
+    from pathlib import Path
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal; the README is 80 wide
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("$ score-images run --help\n") + len("$ score-images run --help\n")
+    block = readme[start:readme.index("```", start)]
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert block.strip() == capsys.readouterr().out.strip()

@@ -67,7 +67,7 @@ def test_demo_command_offline(session_tmp, tmp_path):
                            "--num-images", "4"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RANDOMLY INITIALISED" in proc.stdout and "labels mean nothing" in proc.stdout
-    assert "4 predictions, 3 errors" in proc.stdout
+    assert "the dataset holds 4 predictions and 3 errors" in proc.stdout
     preds = ds.dataset(tmp_path / "demo" / "predictions", partitioning="hive").to_table()
     assert preds.num_rows == 4 and preds.schema.field("embedding").type.list_size == 768
     assert set(preds["model"].to_pylist()) == {"random-facebook--deit-base-distilled-patch16-224"}
