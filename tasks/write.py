@@ -83,6 +83,11 @@ class _RollingFile:
 
     def abort(self) -> None:
         """Drop the file in progress; finished files stay for the run to resume from."""
+        if self.writer is not None:
+            try:  # close pyarrow's writer first, or its destructor writes to a closed handle
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - the file is being dropped anyway
+                logger.debug("closing an aborted Parquet writer failed", exc_info=True)
         if self.out is not None:
             self.out.abort()
         self.writer, self.out, self.rows = None, None, 0

@@ -174,13 +174,19 @@ def test_killed_actor_then_rerun_is_exactly_once(ray_cluster, prefect_harness, t
     result = {}
     worker = threading.Thread(target=lambda: result.update(first=_run(**common)))
     worker.start()
-    assert _wait_for(lambda: len(list((out / "_staging").glob("actor-kill/predictions/**/*.parquet"))) >= 1)
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if "ScoringActor" in " ".join(p.info["cmdline"] or [])]
-    assert victims, "no scoring actor process found"
+
+    def actors():
+        return [p for p in psutil.process_iter(["cmdline"]) if "ScoringActor" in " ".join(p.info["cmdline"] or [])]
+
+    # kill the scoring actor process while the run is under way (it exists only then)
+    assert _wait_for(lambda: bool(actors()) and worker.is_alive()), "no scoring actor process found"
+    time.sleep(1.0)
+    victims = actors()
     for p in victims:
         p.send_signal(signal.SIGKILL)
+    killed_mid_run = bool(victims) and worker.is_alive()
     worker.join(timeout=300)
+    assert killed_mid_run
     state, _ = result["first"]
     if not state.is_completed():  # Ray may or may not recover in-run; a rerun must finish it
         _ok(**common)
