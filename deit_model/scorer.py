@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .loading import CheckpointRef, ModelLoadError, resolve_checkpoint
+from .loading import CheckpointRef, resolve_checkpoint
 from .model import LoadedModel, create_model
 
 logger = logging.getLogger(__name__)

@@ -56,7 +56,7 @@ def _gradient(rng, w: int, h: int) -> np.ndarray:
 def demo_model() -> str:
     """The default model if the hub answers, else a cached random-weight copy of it."""
     from deit_model import create_random_checkpoint
-    from deit_model.loading import cache_root, probe_hub, resolve_checkpoint
+    from deit_model.loading import cache_root, resolve_checkpoint
 
     try:
         return resolve_checkpoint(DEFAULT_MODEL).source  # cached or downloadable
