@@ -15,19 +15,46 @@ from dataclasses import asdict
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed
+from prefect.tasks import exponential_backoff
 
 from deit_model import resolve_checkpoint
 from tasks import storage
 from tasks.commit import commit, discard_staging, roll_forward
 from tasks.pipeline import ErrorThresholdExceeded, check_failures, score_run
 from tasks.plan import RunInfo, new_run, plan_run, resumed_run
-from tasks.report import RunSummary, public_parameters, read_manifest, write_manifest
+from tasks.report import RunSummary, public_parameters, read_manifest, top_labels, write_manifest
 from tasks.settings import ScoreSettings, settings_docstring, settings_signature
+
+from .artifacts import progress_reporter, publish_summary
 
 logger = logging.getLogger(__name__)
 
+# A run that committed while some images failed (under the threshold) ends in a
+# Completed state with this name, so the UI and `--watch` tell it from a clean run.
+COMPLETED_WITH_ERRORS = "CompletedWithErrors"
 
-@task(name="plan", cache_policy=NO_CACHE)
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only passing storage/network failures.
+
+    Every step may be retried safely (a retried plan rewrites the plan, a
+    retried score resumes, a retried commit moves what is left), but a missing
+    object or a refused credential fails the same way again, so it fails now.
+    """
+    exc = state.result(raise_on_failure=False)
+    transient = isinstance(exc, BaseException) and storage.is_transient(exc)
+    if transient:
+        logger.warning("%s failed with a transient storage error (%s); retrying", task.name, exc)
+    return transient
+
+
+# 3 retries after 10, 20 and 40 s (with jitter, so many runs do not retry in step)
+_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=10),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": retry_transient, "cache_policy": NO_CACHE}
+
+
+@task(name="plan", **_RETRIES)
 def plan_task(settings: ScoreSettings, run: RunInfo) -> dict:
     """Resolve the model, list the input and write the plan: what is new, changed, skipped."""
     ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
@@ -35,16 +62,17 @@ def plan_task(settings: ScoreSettings, run: RunInfo) -> dict:
     return {"model": ref.name, "model_revision": ref.revision, **asdict(counts)}
 
 
-@task(name="score", cache_policy=NO_CACHE)
+@task(name="score", **_RETRIES)
 def score_task(settings: ScoreSettings, run: RunInfo) -> dict:
     """Score the planned images on Ray into staging; returns the run's totals."""
     ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
-    result = score_run(settings, run, ref)
+    result = score_run(settings, run, ref, on_progress=progress_reporter(f"run {run.run_id}"))
     return {"scored": result.scored, "failed": result.failed, "errors_by_type": result.errors_by_type,
-            "preprocessing": result.preprocessing}
+            "preprocessing": result.preprocessing,
+            "top_labels": top_labels(result.files, settings.storage_options)}
 
 
-@task(name="commit", cache_policy=NO_CACHE)
+@task(name="commit", **_RETRIES)
 def commit_task(summary: RunSummary, run: RunInfo, settings: ScoreSettings) -> RunSummary:
     """Move the staged files into the dataset; the manifest is written last."""
     summary = commit(summary, run, settings.storage_options)
@@ -69,7 +97,21 @@ def _open(settings: ScoreSettings) -> tuple[RunInfo, RunSummary, bool]:
     return run, previous, fs.exists(plan)  # a run that died while planning plans again
 
 
-def _score_images(**params) -> RunSummary:
+LIBRARY_LOGGERS = ("deit_model", "tasks", "flows")
+
+
+def _library_log_level() -> None:
+    # PREFECT_LOGGING_EXTRA_LOGGERS gives our loggers Prefect's API handler but
+    # not its level, so under a worker (root at WARNING) their INFO records,
+    # progress included, never reached the UI. Give them Prefect's level.
+    level = logging.getLogger("prefect.extra").level or logging.INFO
+    for name in LIBRARY_LOGGERS:
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(level)
+
+
+def _score_images(**params):
+    _library_log_level()
     settings = ScoreSettings(**params)
     roll_forward(settings.output, settings.storage_options)  # finish commits a crash interrupted
     run, summary, resumed = _open(settings)
@@ -78,27 +120,44 @@ def _score_images(**params) -> RunSummary:
         return summary
     summary.attempts += 1
     try:
-        t0 = time.monotonic()
-        if not resumed:
-            for key, value in plan_task(settings, run).items():
-                setattr(summary, key, value)
-        summary.status = "running"
-        write_manifest(summary, run, settings.storage_options)
-        t1 = time.monotonic()
-        for key, value in score_task(settings, run).items():
-            setattr(summary, key, value)
-        timings = {"score": round(time.monotonic() - t1, 3)}
-        if not resumed:
-            timings["plan"] = round(t1 - t0, 3)  # a resumed run keeps its first attempt's plan time
-        summary.timings_s = {**summary.timings_s, **timings}
+        _plan_and_score(settings, run, summary, resumed)
         check_failures(settings, summary.to_score, summary.failed, summary.errors_by_type)
         if summary.listed == 0:
             summary.message = f"no images found under {settings.input}"
+        t0 = time.monotonic()
         summary = commit_task(summary, run, settings)
+        summary.timings_s = {**summary.timings_s, "commit": round(time.monotonic() - t0, 3)}
     except Exception as exc:
         _record_failure(summary, run, settings, exc)
+        publish_summary(summary)
         raise
+    publish_summary(summary)
+    if summary.failed:
+        return Completed(data=summary, name=COMPLETED_WITH_ERRORS,
+                         message=f"{summary.failed} of {summary.scored + summary.failed} images failed "
+                                 f"({_kinds(summary.errors_by_type)}); see the errors table")
     return summary
+
+
+def _plan_and_score(settings: ScoreSettings, run: RunInfo, summary: RunSummary, resumed: bool) -> None:
+    """Run the plan (unless resumed) and score tasks, folding their records into ``summary``."""
+    t0 = time.monotonic()
+    if not resumed:
+        for key, value in plan_task(settings, run).items():
+            setattr(summary, key, value)
+    summary.status = "running"
+    write_manifest(summary, run, settings.storage_options)
+    t1 = time.monotonic()
+    for key, value in score_task(settings, run).items():
+        setattr(summary, key, value)
+    timings = {"score": round(time.monotonic() - t1, 3)}
+    if not resumed:
+        timings = {"plan": round(t1 - t0, 3), **timings}  # a resumed run keeps its first plan time
+    summary.timings_s = {**summary.timings_s, **timings}
+
+
+def _kinds(by_type: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]))
 
 
 def _record_failure(summary: RunSummary, run: RunInfo, settings: ScoreSettings, exc: Exception) -> None:

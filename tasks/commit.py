@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .plan import RunInfo
 from .report import RunSummary, list_runs, write_manifest
+from .schema import table_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,6 @@ def moved_files(run: RunInfo, storage_options: dict | None = None) -> list[str]:
         pattern = f"{root}/{table}/model_slug=*/run_date={run.run_date}/part-{run.run_id}-*.parquet"
         found += [storage.to_uri(fs, p) for p in fs.glob(pattern) if name.fullmatch(p.rsplit("/", 1)[-1])]
     return sorted(found)
-
-
-def table_of(uri: str) -> str:
-    """"predictions" or "errors": the table a data file belongs to, from its path."""
-    return uri.split("/model_slug=", 1)[0].rsplit("/", 1)[-1]
 
 
 def final_uri(run: RunInfo, staged: str, storage_options: dict | None = None) -> str:

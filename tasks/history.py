@@ -14,6 +14,7 @@ import pyarrow.dataset as ds
 
 from . import storage
 from .report import RunSummary, list_runs
+from .schema import table_of
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ def committed_runs(output: str, storage_options: dict | None = None, model: str 
 
 def committed_files(runs: list[RunSummary], table: str) -> list[str]:
     """The ``table`` files ("predictions" or "errors") of ``runs``."""
-    from .commit import table_of
-
     return [f for r in runs for f in r.files if table_of(f) == table]
 
 

@@ -63,11 +63,13 @@ def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placeme
 
 
 def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
-                 writer: DatasetWriter, run_id: str, planned: int | None = None, failed_before: int = 0) -> None:
+                 writer: DatasetWriter, run_id: str, planned: int | None = None, failed_before: int = 0,
+                 on_progress=None) -> None:
     """Score every row of ``plan`` and stream the results into ``writer``.
 
     Stops early (ErrorThresholdExceeded) once more images failed than the run
     allows of its ``planned`` total, counting ``failed_before`` from earlier attempts.
+    ``on_progress`` receives a :class:`ProgressEvent` each time progress is logged.
     """
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -100,7 +102,7 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
             "dtype": settings.dtype, "top_k": settings.top_k,
             "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name,
             "spec": writer.spec})
-    progress = _Progress(plan.num_rows)
+    progress = _Progress(plan.num_rows, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -110,21 +112,41 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
             check_failures(settings, planned, failed_before + writer.result.failed, writer.result.errors_by_type)
 
 
-class _Progress:
-    """Logs images done, rate and errors every few seconds."""
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a run stands: sent to the ``on_progress`` callback (a Prefect artifact, say)."""
 
-    def __init__(self, total: int):
+    done: int  # images finished in this attempt (scored + failed)
+    total: int  # images this attempt set out to score
+    failed: int
+    elapsed_s: float
+    rate: float  # images per second since the first result (steady state, start-up excluded)
+
+
+class _Progress:
+    """Logs images done, rate and errors: the first result at once, then every few seconds."""
+
+    def __init__(self, total: int, on_progress=None):
         self.total, self.start, self.last = total, time.monotonic(), 0.0
+        self.first: tuple[float, int] | None = None  # (time, done) at the first result
+        self.on_progress = on_progress
 
     def update(self, result: WriteResult) -> None:
         now = time.monotonic()
         done = result.scored + result.failed
-        if now - self.last < PROGRESS_EVERY_S and done < self.total:
+        if self.first is None:
+            # start-up (cluster, actors, model load) ends here; logged so it can be measured
+            self.first = (now, done)
+            logger.info("progress: first %d images after %.1f s", done, now - self.start)
+        elif now - self.last < PROGRESS_EVERY_S and done < self.total:
             return
         self.last = now
-        rate = done / max(now - self.start, 1e-9)
+        t0, d0 = self.first
+        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
         logger.info("progress: %d/%d images (%.0f%%), %.1f img/s, %d failed",
                     done, self.total, 100.0 * done / max(self.total, 1), rate, result.failed)
+        if self.on_progress is not None:
+            self.on_progress(ProgressEvent(done, self.total, result.failed, now - self.start, rate))
 
 
 class ErrorThresholdExceeded(RuntimeError):
@@ -153,7 +175,7 @@ def check_failures(settings: ScoreSettings, planned: int, failed: int, by_type: 
             f"errors: {kinds}. Nothing was committed")
 
 
-def score_run(settings: ScoreSettings, run, ref: CheckpointRef) -> WriteResult:
+def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None) -> WriteResult:
     """Score what the run's plan still lacks into staging; return the run's totals.
 
     Rows the run already wrote (in an earlier, interrupted attempt) are not
@@ -184,7 +206,8 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef) -> WriteResult:
         try:
             with ray_session(settings.resolved_ray_address()):
                 run_pipeline(settings, remaining, ref, preprocessor, writer, run.run_id,
-                             planned=plan.num_rows, failed_before=count_done(done)[1])
+                             planned=plan.num_rows, failed_before=count_done(done)[1],
+                             on_progress=on_progress)
         except BaseException:
             writer.abort()
             raise

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from . import storage
 from .plan import RunInfo
+from .schema import table_of
 from .settings import ScoreSettings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class RunSummary:
     scored: int = 0
     failed: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
+    top_labels: dict[str, int] = field(default_factory=dict)  # most frequent best labels, most first
     files: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
@@ -56,6 +59,28 @@ class RunSummary:
 def public_parameters(settings: ScoreSettings) -> dict:
     """Settings safe to record: everything but storage options."""
     return settings.model_dump(exclude=_SECRET_SETTINGS)
+
+
+def top_labels(files: list[str], storage_options: dict | None = None, n: int = 10) -> dict[str, int]:
+    """The ``n`` most frequent best (top-1) labels in a run's prediction files.
+
+    Reads only the ``labels`` column, file by file and batch by batch, so memory
+    stays bounded by the number of distinct labels, not by the number of images.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts: Counter[str] = Counter()
+    for uri in files:
+        if table_of(uri) != "predictions":
+            continue
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(columns=["labels"], batch_size=65_536):
+                best = pc.list_element(batch.column(0), 0)
+                for row in pc.value_counts(best.drop_null()).to_pylist():
+                    counts[row["values"]] += row["counts"]
+    return dict(counts.most_common(n))
 
 
 def write_manifest(summary: RunSummary, run: RunInfo, storage_options: dict | None = None) -> str:

@@ -116,3 +116,8 @@ def model_slug(model_name: str) -> str:
 def partition_dir(root: str, table: str, model_name: str, run_date: str) -> str:
     """``<root>/<table>/model_slug=<slug>/run_date=<date>``."""
     return f"{root.rstrip('/')}/{table}/model_slug={model_slug(model_name)}/run_date={run_date}"
+
+
+def table_of(uri: str) -> str:
+    """"predictions" or "errors": the table a data file belongs to, from its path."""
+    return uri.split("/model_slug=", 1)[0].rsplit("/", 1)[-1]

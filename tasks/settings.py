@@ -75,6 +75,8 @@ class ScoreSettings(BaseModel):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
+        if "{{" in v:  # a deployment's "{{ $VAR }}" whose variable was unset at `prefect deploy`
+            raise ValueError(f"{v!r} is an unresolved template: set the variable it names, then deploy again")
         return v.strip()
 
     @field_validator("run_id")

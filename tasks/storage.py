@@ -60,6 +60,34 @@ def translate_error(exc: BaseException, uri: str) -> OSError:
     return OSError(f"{uri}: {text}")
 
 
+# Failures worth retrying: the store or the network was briefly unavailable.
+# Everything else (not found, access denied, bad data) fails the same way on a
+# retry and only delays the error, so it is never retried.
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
+                    "Throttling", "ThrottlingException", "TooManyRequests", "500", "502", "503", "504"}
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ClientPayloadError",
+                    "ServerTimeoutError", "IncompleteReadError", "ResponseStreamingError"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a passing storage or network failure."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in _TRANSIENT_NAMES:
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            err, meta = response.get("Error", {}), response.get("ResponseMetadata", {})
+            if str(err.get("Code", "")) in _TRANSIENT_CODES or str(meta.get("HTTPStatusCode", "")) in _TRANSIENT_CODES:
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
     """Read whole objects concurrently where the backend can (s3fs, gcsfs, ...).
 
