@@ -20,13 +20,15 @@ from pydantic import ValidationError
 
 from tasks.settings import ScoreSettings, format_validation_error
 
+from . import LIBRARY_LOGGERS
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3
 
 # Prefect reads its settings at import time, so these are set before it is imported.
 _PREFECT_DEFAULTS = {
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "deit_model,tasks,flows",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": ",".join(LIBRARY_LOGGERS),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
@@ -130,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``score-images`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in LIBRARY_LOGGERS:  # explicit, so Prefect's logging setup cannot quieten them
+        logging.getLogger(name).setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     for key, value in _PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)

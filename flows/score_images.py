@@ -26,6 +26,7 @@ from tasks.plan import RunInfo, new_run, plan_run, resumed_run
 from tasks.report import RunSummary, public_parameters, read_manifest, top_labels, write_manifest
 from tasks.settings import ScoreSettings, settings_docstring, settings_signature
 
+from . import LIBRARY_LOGGERS
 from .artifacts import progress_reporter, publish_summary
 
 logger = logging.getLogger(__name__)
@@ -95,9 +96,6 @@ def _open(settings: ScoreSettings) -> tuple[RunInfo, RunSummary, bool]:
     run = resumed_run(settings, previous)
     fs, plan = storage.filesystem(run.plan_uri, settings.storage_options)
     return run, previous, fs.exists(plan)  # a run that died while planning plans again
-
-
-LIBRARY_LOGGERS = ("deit_model", "tasks", "flows")
 
 
 def _library_log_level() -> None:

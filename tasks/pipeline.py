@@ -62,6 +62,45 @@ def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placeme
                      settings.cpus_per_actor)
 
 
+def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
+    """(placement, whether resources were requested): plan_placement, waiting for an autoscaler.
+
+    A cluster that scales from zero (docs/production.md) has no GPU workers
+    when a run starts; with ``resource_wait_seconds`` the run asks the
+    autoscaler for its actors and decode CPUs and waits for them to join.
+    """
+    try:
+        return plan_placement(settings, *cluster_resources()), False
+    except ResourceError:
+        if settings.resource_wait_seconds <= 0:
+            raise
+    from ray.autoscaler.sdk import request_resources
+
+    actor = {"CPU": settings.cpus_per_actor}
+    if settings.device == "cuda":
+        actor["GPU"] = settings.gpus_per_actor
+    request_resources(bundles=[dict(actor) for _ in range(settings.num_actors)] + [{"CPU": settings.decode_cpus}])
+    logger.info("waiting up to %.0f s for the cluster to provide %d x %s + %g decode CPUs",
+                settings.resource_wait_seconds, settings.num_actors, actor, settings.decode_cpus)
+    deadline = time.monotonic() + settings.resource_wait_seconds
+    while True:
+        time.sleep(2.0)
+        try:
+            return plan_placement(settings, *cluster_resources()), True
+        except ResourceError as exc:
+            if time.monotonic() > deadline:
+                release_resources()
+                raise ResourceError(f"{exc} (still, after waiting {settings.resource_wait_seconds:g} s "
+                                    "for the autoscaler)") from None
+
+
+def release_resources() -> None:
+    """Withdraw this run's standing autoscaler request, so the cluster may scale down again."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])
+
+
 def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
                  writer: DatasetWriter, run_id: str, planned: int | None = None, failed_before: int = 0,
                  on_progress=None) -> None:
@@ -71,10 +110,21 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
     allows of its ``planned`` total, counting ``failed_before`` from earlier attempts.
     ``on_progress`` receives a :class:`ProgressEvent` each time progress is logged.
     """
+    placement, requested = await_placement(settings)
+    try:
+        _stream(settings, plan, ref, preprocessor, writer, run_id, placement, planned, failed_before, on_progress)
+    finally:
+        if requested:
+            release_resources()
+
+
+def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
+            writer: DatasetWriter, run_id: str, placement: Placement, planned: int | None, failed_before: int,
+            on_progress) -> None:
+    """Build the Ray Data pipeline and stream its results into ``writer``."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    placement = plan_placement(settings, *cluster_resources())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # we log our own progress, readable in Prefect too
     blocks = [plan.slice(i, DECODE_BLOCK_ROWS) for i in range(0, plan.num_rows, DECODE_BLOCK_ROWS)]

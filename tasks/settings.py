@@ -40,6 +40,9 @@ class ScoreSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where actors run the model")
     ray_address: Optional[str] = Field(
         None, description="address of an existing Ray cluster (RAY_ADDRESS also works); unset starts a local one")
+    resource_wait_seconds: float = Field(
+        0, ge=0, le=86_400, description="when the cluster is too small for the actors, ask the Ray autoscaler for "
+                                        "the missing resources and wait up to this long (0: fail at once)")
     run_id: Optional[str] = Field(
         None, description="id for this run; generated when unset. Rerunning an unfinished run's id resumes it")
     include: list[str] = Field(

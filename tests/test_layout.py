@@ -85,6 +85,15 @@ def test_placement_refuses_layouts_that_cannot_run(kw, cpus, gpus, match):
         plan_placement(_settings(**kw), cpus=cpus, gpus=gpus)
 
 
+def test_waiting_for_resources_gives_up_with_a_clear_message(ray_cluster):
+    """On a cluster that never grows, the autoscaler wait ends in the same refusal, saying it waited."""
+    from tasks.pipeline import await_placement
+
+    assert await_placement(_settings(resource_wait_seconds=5))[1] is False  # fits: no request, no wait
+    with pytest.raises(ResourceError, match=r"need 4 CPUs .* after waiting 3 s"):
+        await_placement(_settings(num_actors=3, resource_wait_seconds=3))
+
+
 def test_run_files_are_matched_exactly_by_run_id(tmp_path):
     """Run "nightly" must never claim the files of run "nightly-2" (resume and commit rely on it)."""
     from tasks.commit import moved_files
