@@ -32,6 +32,8 @@ _PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # library logs from before the flow run begins (Ray starting early) stay local, without a warning
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 
@@ -154,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_settings(params: dict) -> ScoreSettings:
-    """Validate parameters, model and input before anything starts; UsageError if bad."""
-    from deit_model import ModelLoadError, inspect_checkpoint, resolve_checkpoint
+    """Validate parameters, model, preprocessing and input before anything starts; UsageError if bad.
+
+    Reading the preprocessing also imports the image-processing libraries
+    here, before Ray and Prefect start, instead of in the score task.
+    """
+    from deit_model import ModelLoadError, inspect_checkpoint, load_preprocessor, resolve_checkpoint
     from tasks.enumerate import list_images
 
     try:
@@ -163,7 +169,9 @@ def check_settings(params: dict) -> ScoreSettings:
     except ValidationError as exc:
         raise UsageError(format_validation_error(exc)) from None
     try:
-        inspect_checkpoint(resolve_checkpoint(settings.model, settings.revision, settings.storage_options).local_dir)
+        local_dir = resolve_checkpoint(settings.model, settings.revision, settings.storage_options).local_dir
+        inspect_checkpoint(local_dir)
+        load_preprocessor(local_dir)
         next(iter(list_images(settings.input, settings.storage_options)), None)
     except (ModelLoadError, OSError) as exc:
         raise UsageError(str(exc)) from None
@@ -173,13 +181,18 @@ def check_settings(params: dict) -> ScoreSettings:
 def run_flow(params: dict) -> int:
     """Check ``params``, run the flow, print the summary; return the exit code."""
     settings = check_settings(params)
+    from tasks.ray_cluster import start_early, stop_early
+
+    start_early(settings.resolved_ray_address())  # Ray boots while Prefect starts (5 to 10 s each here)
+    from tasks.pipeline import ErrorThresholdExceeded
     from tasks.report import format_summary
 
     from .score_images import score_images
 
-    from tasks.pipeline import ErrorThresholdExceeded
-
-    state = score_images(**settings.model_dump(), return_state=True)
+    try:
+        state = score_images(**settings.model_dump(), return_state=True)
+    finally:
+        stop_early()  # only if the run never reached scoring
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, ErrorThresholdExceeded):

@@ -1,34 +1,110 @@
-"""Connect to Ray: an existing cluster by address, or a local one we start and stop."""
+"""Connect to Ray: an existing cluster by address, or a local one we start and stop.
+
+Starting a local cluster takes 5 to 10 s on a small machine, about as long
+as Prefect's temporary server. :func:`start_early` lets the command line
+start Ray while Prefect is still starting; :func:`ray_session` then picks up
+the cluster it started instead of starting another.
+"""
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Iterator
 
 logger = logging.getLogger(__name__)
+
+_early: Future | None = None  # a start begun by start_early, not yet taken by ray_session
+_release = threading.Event()  # set when the early-started cluster is shut down
+_lock = threading.Lock()
+
+
+def _init(address: str | None) -> None:
+    import ray
+
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True, configure_logging=True)
+    # with no address, ray.init joins a cluster already running on this machine
+    # (ray start) or starts a private one; either way it is ours to disconnect from
+    logger.info("ray: connected to %s with %s", address or "a local cluster", ray.cluster_resources())
+
+
+def start_early(address: str | None) -> None:
+    """Begin connecting to (or starting) Ray on a background thread; returns at once.
+
+    The thread also imports Ray Data (seconds more). A failure surfaces in
+    :func:`ray_session`, where the run would have started Ray anyway.
+    """
+    global _early
+    with _lock:
+        if _early is not None:
+            return
+        _early = Future()
+        _release.clear()
+    fut = _early
+
+    def work() -> None:
+        try:
+            _init(address)
+            import ray.data  # noqa: F401
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the session
+            fut.set_exception(exc)
+            return
+        fut.set_result(None)
+        # Ray's GCS and raylet die with the *thread* that started them
+        # (PR_SET_PDEATHSIG), so this thread lives until the cluster is shut down
+        _release.wait()
+
+    threading.Thread(target=work, name="ray-early-start", daemon=True).start()
+
+
+def stop_early() -> None:
+    """Shut down a cluster that :func:`start_early` began and no session took (nothing was scored)."""
+    global _early
+    with _lock:
+        fut, _early = _early, None
+    if fut is None:
+        return
+    try:
+        fut.result()
+    except BaseException:  # noqa: BLE001 - it never served a run; nothing to report
+        logger.debug("early Ray start had failed", exc_info=True)
+    _shutdown()
+
+
+def _shutdown() -> None:
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        _release.set()
 
 
 @contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Use the already-initialised Ray, else connect to ``address``, else start locally.
 
-    A cluster this function started is shut down on exit; one it merely
-    joined (or found initialised) is left running.
+    A cluster this function (or :func:`start_early`) started is shut down on
+    exit; one it merely joined (or found initialised) is left running.
     """
     import ray
 
-    if ray.is_initialized():
+    global _early
+    with _lock:
+        fut, _early = _early, None
+    if fut is not None:
+        fut.result()  # the early start's error, if any, is this session's
+    elif ray.is_initialized():
         yield
         return
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, configure_logging=True)
-    # with no address, ray.init joins a cluster already running on this machine
-    # (ray start) or starts a private one; either way it is ours to disconnect from
-    logger.info("ray: connected to %s with %s", address or "a local cluster", ray.cluster_resources())
+    else:
+        _init(address)
     try:
         yield
     finally:
-        ray.shutdown()
+        _shutdown()
 
 
 def cluster_resources() -> tuple[float, float]:

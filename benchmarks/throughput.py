@@ -1,0 +1,578 @@
+"""Throughput of the scoring pipeline against its ceiling, a naive baseline and a peer.
+
+One command measures, on the same machine and the same generated images, each
+stage in its own fresh process (so memory and start-up are isolated):
+
+* ``ceiling``: the model's forward pass on a random batch already on the
+  device (the Scorer's own model), per dtype, batch size and thread count;
+* ``ours``: ``score-images run`` end to end, storage -> decode -> model ->
+  Parquet committed. Start-up is launch to the pipeline's ``progress: first``
+  log line; steady state is the images after it over the time to the 100 %
+  progress line; wall is the whole command (commit and shutdown included);
+* ``baseline``: ``transformers.pipeline("image-classification")`` looping over
+  the files with ``batch_size``, rows written to one Parquet file at the end;
+* ``peer``: Ray Data's documented batch-inference recipe (``read_images`` ->
+  ``map_batches`` preprocessing -> ``map_batches`` model class in an actor pool
+  -> ``write_parquet``) with the same checkpoint, batch size, actors and CPUs.
+
+Every stage's output rows are counted, so a broken run cannot report a
+figure. Models are named as on the hub (``facebook/...`` or ``timm:...``) and
+built here with random weights and the published configuration (no hub is
+reachable), or given as a checkpoint directory. Method: docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import images  # noqa: E402 - sibling modules of this script, not a package
+import procmem  # noqa: E402
+
+logger = logging.getLogger("throughput")
+
+STAGES = ("ceiling", "ours", "baseline", "peer")
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+OURS_PATTERNS = {  # log lines of score-images run (tasks/pipeline.py, tasks/ray_cluster.py, Prefect)
+    "first": r"progress: first (\d+) images after ([\d.]+) s",
+    "progress": r"progress: (\d+)/(\d+) images \(\d+%\), ([\d.]+) img/s",
+    "flow_started": r"Beginning flow run",
+    "planned": r"planned (\d+) images",
+    "ray_connected": r"ray: connected",
+    "dataset_started": r"Execution plan of Dataset",
+    "weights_loading": r"ScoringActor.*Loading weights",  # the actor's transformers load (forwarded by Ray)
+}
+
+
+# ---------------------------------------------------------------- stage children
+# Each runs as ``python throughput.py --stage-child NAME JSON`` and reports by
+# printing ``BENCH {json}`` lines; the parent timestamps them as they arrive.
+
+def _event(**fields) -> None:
+    print("BENCH " + json.dumps(fields), flush=True)
+
+
+def child_checkpoint(a: dict) -> None:
+    """Write a random-weight checkpoint of hub name ``a['model']`` to ``a['dir']``."""
+    from deit_model import create_random_checkpoint, create_random_timm_checkpoint
+
+    if a["model"].startswith("timm:"):
+        out = create_random_timm_checkpoint(a["model"][len("timm:"):], a["dir"])
+        # save_for_hf records timm's default model_args; the hub's timm configs carry none,
+        # and transformers' TimmWrapper (baseline, peer) refuses them twice over num_classes
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.pop("model_args", None)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    else:
+        create_random_checkpoint(a["model"], a["dir"])
+    _event(event="done")
+
+
+def child_ceiling(a: dict) -> None:
+    """Forward passes of the Scorer's model on a random batch already on the device."""
+    import torch
+
+    from deit_model import create_scorer, load_preprocessor
+
+    scorer = create_scorer(a["ckpt"], device=a["device"], dtype=a["dtype"])
+    shape = load_preprocessor(a["ckpt"]).input_shape()
+    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
+    device_name = torch.cuda.get_device_name() if scorer.device.type == "cuda" else procmem.hardware()["cpu"]
+    for threads in a["threads"] or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for batch in a["batch_sizes"]:
+            x = torch.randn(batch, *shape).to(scorer.device, scorer.dtype)
+            with torch.inference_mode():
+                _timed(lambda: scorer.model(x), sync, min(2.0, a["seconds"] / 4), 2)  # warm-up
+                times = _timed(lambda: scorer.model(x), sync, a["seconds"], 5)
+            # the median pass: a burst of other work on a shared machine moves the mean, not the median
+            median = sorted(times)[len(times) // 2]
+            _event(event="ceiling", threads=threads, batch=batch, rate=batch / median,
+                   mean_rate=batch * len(times) / sum(times), passes=len(times), device=device_name,
+                   dtype=str(scorer.dtype))
+
+
+def _timed(fn, sync, seconds: float, min_passes: int) -> list[float]:
+    """Seconds of each call of ``fn``, called until ``seconds`` and ``min_passes`` are both reached."""
+    times: list[float] = []
+    while len(times) < min_passes or sum(times) < seconds:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def child_baseline(a: dict) -> None:
+    """transformers' pipeline over the file paths, as a user would write it; one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import pipeline
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a["dtype"]]
+    pipe = pipeline("image-classification", model=a["ckpt"], device=a["device"], dtype=dtype)
+    paths = images.list_images(Path(a["images"]), a["n"])
+    rows = {"path": [], "labels": [], "scores": []}
+    # a generator makes the pipeline stream results (a list would come back whole at the end);
+    # transformers' docs recommend it for large inputs, so a user would write this
+    for i, out in enumerate(pipe((p for p in paths), batch_size=a["batch_size"], top_k=5)):
+        if i % a["batch_size"] == 0:  # the whole batch is done when its first result comes out
+            _event(event="progress", n=min(i + a["batch_size"], len(paths)))
+        rows["path"].append(paths[i])
+        rows["labels"].append([o["label"] for o in out])
+        rows["scores"].append([o["score"] for o in out])
+    _event(event="scored", n=len(rows["path"]))
+    pq.write_table(pa.table(rows), Path(a["output"]) / "predictions.parquet")
+    _event(event="rows", n=pq.read_metadata(Path(a["output"]) / "predictions.parquet").num_rows)
+
+
+class PeerClassifier:
+    """The recipe's model class: loads once per actor, scores a batch, keeps top-1."""
+
+    def __init__(self, ckpt: str, device: str, dtype: str, marks: str):
+        import torch
+        from transformers import AutoModelForImageClassification
+
+        self.torch = torch
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.device = device
+        self.model = AutoModelForImageClassification.from_pretrained(ckpt, dtype=self.dtype).to(device).eval()
+        self.labels = self.model.config.id2label
+        self.marks = marks
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        x = self.torch.from_numpy(batch["pixel_values"]).to(self.device, self.dtype)
+        with self.torch.inference_mode():
+            probs = self.model(pixel_values=x).logits.float().softmax(-1)
+        score, idx = probs.max(-1)
+        with open(self.marks, "a") as fh:  # when each batch was scored, read back by the driver
+            fh.write(f"{time.time()} {len(x)}\n")
+        return {"path": batch["path"], "label": np.array([self.labels[i] for i in idx.tolist()]),
+                "score": score.cpu().numpy()}
+
+
+def child_peer(a: dict) -> None:
+    """Ray Data's batch-inference recipe: read_images -> preprocess -> actor pool -> write_parquet."""
+    import pyarrow.dataset as pds
+    import ray
+    from transformers import AutoImageProcessor
+
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # as ours: a log, not bars
+    processor = AutoImageProcessor.from_pretrained(a["ckpt"])
+    filesystem = None
+    if a.get("endpoint"):
+        import pyarrow.fs
+
+        filesystem = pyarrow.fs.S3FileSystem(
+            endpoint_override=a["endpoint"], access_key="testing", secret_key="testing", region="us-east-1")
+
+    def preprocess(batch: dict) -> dict:
+        pixels = processor(images=list(batch["image"]), return_tensors="np")["pixel_values"]
+        return {"path": batch["path"], "pixel_values": pixels}
+
+    ds = ray.data.read_images(a["input"], mode="RGB", include_paths=True, filesystem=filesystem)
+    ds = ds.map_batches(preprocess, num_cpus=a["decode_cpus"])
+    ds = ds.map_batches(PeerClassifier, fn_constructor_kwargs={
+        "ckpt": a["ckpt"], "device": a["device"], "dtype": a["dtype"], "marks": a["marks"]},
+        compute=ray.data.ActorPoolStrategy(size=a["num_actors"]), batch_size=a["batch_size"],
+        num_cpus=a["cpus_per_actor"], num_gpus=a["gpus_per_actor"] if a["device"] == "cuda" else 0)
+    ds.write_parquet(a["output"])
+    _event(event="rows", n=pds.dataset(a["output"], format="parquet").count_rows())
+    ray.shutdown()
+
+
+CHILDREN = {"checkpoint": child_checkpoint, "ceiling": child_ceiling, "baseline": child_baseline,
+            "peer": child_peer}
+
+
+# ---------------------------------------------------------------- parent: running stages
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment every stage gets: the same for all, offline, unbuffered."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
+               **(extra or {}))
+    # Ray sets OMP_NUM_THREADS per actor from its CPUs only when it is unset
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def run_child(name: str, args: dict, log: Path, timeout: float | None = None,
+              env: dict | None = None) -> procmem.ChildRun:
+    """Run stage child ``name`` in a fresh interpreter; raise if it fails."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage-child", name, json.dumps(args)]
+    run = procmem.run_measured(cmd, env or child_env(), log_path=log, timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f"stage {name} failed (exit {run.returncode}); see {log}:\n  "
+                           + "\n  ".join(run.tail[-8:]))
+    return run
+
+
+def resolve_model(name: str, workdir: Path) -> Path:
+    """A checkpoint directory for ``name``: itself if it is one, else a random-weight copy (reused)."""
+    if Path(name).is_dir():
+        return Path(name).resolve()
+    target = workdir / "checkpoints" / ("random-" + name.replace("/", "--").replace(":", "-"))
+    if not (target / "config.json").exists():
+        logger.info("making a random-weight checkpoint of %s in %s", name, target)
+        run_child("checkpoint", {"model": name, "dir": str(target)}, workdir / "logs" / "checkpoint.log")
+    return target
+
+
+def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str) -> list[dict]:
+    """One row per (threads, batch size): forward-only images per second."""
+    threads = [] if cfg.device == "cuda" else cfg.ceiling_threads
+    run = run_child("ceiling", {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "threads": threads,
+                                "batch_sizes": cfg.batch_sizes, "seconds": cfg.ceiling_seconds},
+                    cfg.logs / f"ceiling-{ckpt.name}-{dtype}.log", cfg.timeout)
+    return [dict(e, stage=f"ceiling ({e['threads']} thread{'s' * (e['threads'] != 1)})"
+                 if cfg.device == "cpu" else "ceiling", memory=run.memory.as_dict())
+            for e in run.events if e["event"] == "ceiling"]
+
+
+def measure_ours(cfg, ckpt: Path, dtype: str, source: str, n: int, storage_options: dict) -> dict:
+    """``score-images run`` end to end, read from its log lines."""
+    out = cfg.workdir / "outputs" / f"ours-{time.time_ns()}"
+    cmd = [str(Path(sys.executable).parent / "score-images"), "run", "--input", source, "--output", str(out),
+           "--model", str(ckpt), "--batch-size", str(cfg.batch_size), "--dtype", dtype, "--device", cfg.device,
+           "--num-actors", str(cfg.num_actors), "--cpus-per-actor", str(cfg.cpus_per_actor),
+           "--decode-cpus", str(cfg.decode_cpus), "--gpus-per-actor", str(cfg.gpus_per_actor)]
+    cmd += ["--fast-decode"] if cfg.fast_decode else []
+    cmd += ["--storage-options", json.dumps(storage_options)] if storage_options else []
+    cmd += shlex.split(cfg.ours_args)
+    env = child_env({"PREFECT_HOME": str(cfg.workdir / "prefect-home")})
+    run = procmem.run_measured(cmd, env, OURS_PATTERNS, cfg.logs / f"ours-{ckpt.name}-{dtype}-{n}.log", cfg.timeout)
+    if run.returncode != 0 or not run.first("first"):
+        raise RuntimeError(f"ours failed (exit {run.returncode}):\n  " + "\n  ".join(run.tail[-8:]))
+    rows = count_rows(out / "predictions")
+    t_first, (n_first, _) = run.first("first")
+    points = [(t_first, int(n_first))] + [(t, int(g[0])) for t, g in run.matches["progress"]]
+    marks = {k: round(run.first(k)[0] - run.launched, 1) for k in list(OURS_PATTERNS)[2:]
+             if run.first(k)}
+    return stage_row("ours", n, rows, run, points, cfg.settle, own_rate=float(run.last("progress")[1][2]),
+                     startup_marks=marks, errors=count_rows(out / "errors"))
+
+
+def measure_baseline(cfg, ckpt: Path, dtype: str, root: Path, n: int) -> dict:
+    out = cfg.workdir / "outputs" / f"baseline-{time.time_ns()}"
+    out.mkdir(parents=True)
+    run = run_child("baseline", {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "images": str(root),
+                                 "n": n, "batch_size": cfg.batch_size, "output": str(out)},
+                    cfg.logs / f"baseline-{ckpt.name}-{dtype}-{n}.log", cfg.timeout)
+    points = [(e["received"], e["n"]) for e in run.events if e["event"] == "progress"]
+    points.append(next((e["received"], e["n"]) for e in run.events if e["event"] == "scored"))
+    rows = next(e["n"] for e in run.events if e["event"] == "rows")
+    return stage_row("baseline" + (" (local files)" if cfg.source == "s3" else ""), n, rows, run, points,
+                     cfg.settle)
+
+
+def measure_peer(cfg, ckpt: Path, dtype: str, source: str, n: int, endpoint: str) -> dict:
+    out = cfg.workdir / "outputs" / f"peer-{time.time_ns()}"
+    marks = out.with_suffix(".marks")
+    # pyarrow's S3 filesystem takes no scheme in the URI when given a filesystem
+    path = source.removeprefix("s3://") if endpoint else source
+    run = run_child("peer", {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "input": path,
+                             "output": str(out), "marks": str(marks), "batch_size": cfg.batch_size,
+                             "num_actors": cfg.num_actors, "cpus_per_actor": cfg.cpus_per_actor,
+                             "decode_cpus": cfg.decode_cpus, "gpus_per_actor": cfg.gpus_per_actor,
+                             "endpoint": endpoint}, cfg.logs / f"peer-{ckpt.name}-{dtype}-{n}.log", cfg.timeout,
+                    env=child_env(images.S3Source.CREDENTIALS if endpoint else None))
+    batches = sorted((float(t), int(k)) for t, k in (line.split() for line in marks.read_text().splitlines()))
+    points = list(zip([t for t, _ in batches], itertools.accumulate(k for _, k in batches)))
+    rows = next(e["n"] for e in run.events if e["event"] == "rows")
+    return stage_row("peer", n, rows, run, points, cfg.settle)
+
+
+def stage_row(stage: str, n: int, rows: int, run: procmem.ChildRun, points: list[tuple[float, int]],
+              settle: float, **extra) -> dict:
+    """A result row from ``points``, (time.time(), images done so far) from the first result on.
+
+    Start-up is launch to the first point. The steady state is measured from
+    the first point at least ``settle`` s after the first result (results that
+    were queued behind the first one would otherwise inflate it) to the last;
+    runs too short for that fall back to the first point. Refuses a run whose
+    output does not hold every image.
+    """
+    if rows != n:
+        raise RuntimeError(f"{stage} wrote {rows} rows for {n} images; not reporting a figure")
+    t_first, n_first = points[0]
+    t_end, n_end = points[-1]
+    t0, n0 = next(((t, k) for t, k in points if t - t_first >= settle and t < t_end), points[0])
+    steady = (n_end - n0) / (t_end - t0) if n_end > n0 and t_end > t0 else None
+    return {"stage": stage, "images": n, "rows": rows, "rate": steady, "startup_s": t_first - run.launched,
+            "wall_s": run.ended - run.launched, "first_n": n_first, "window": [n0, n_end, round(t_end - t0, 1)],
+            "memory": run.memory.as_dict(), **extra}
+
+
+def count_rows(path: Path) -> int:
+    """Rows of the Parquet dataset under ``path`` (hive-partitioned), 0 if there is none."""
+    import pyarrow.dataset as pds
+
+    if not path.exists():
+        return 0
+    return pds.dataset(str(path), format="parquet", partitioning="hive").count_rows()
+
+
+# ---------------------------------------------------------------- parent: the run
+
+def run_stage(results: list, stage: str, fn, cfg, *args) -> None:
+    """Run one measurement, recording a failure as a row instead of stopping the benchmark.
+
+    Waits up to ``--wait-idle`` s for other work on the machine to stop first.
+    """
+    busy, deadline = procmem.busy_cores(), time.monotonic() + cfg.wait_idle
+    while busy > 0.25 and time.monotonic() < deadline:
+        busy = procmem.busy_cores(5.0)
+    logger.info("%s: starting (%.2f cores busy beforehand)", stage, busy)
+    try:
+        rows = fn(cfg, *args)
+    except Exception as exc:  # noqa: BLE001 - one broken stage must not hide the others' figures
+        logger.error("%s failed: %s", stage, exc)
+        rows = {"stage": stage, "error": str(exc).splitlines()[0]}
+    for row in rows if isinstance(rows, list) else [rows]:
+        results.append(dict(row, busy_before=busy))
+        logger.info("%s", {k: v for k, v in row.items() if k != "memory"})
+
+
+def end_to_end(cfg, ckpt: Path, dtype: str, n: int) -> list[dict]:
+    """ours, baseline and peer on one image set of N images."""
+    root = cfg.workdir / "images" / f"{cfg.kind}-{n}"
+    made = images.make_images(root, n, cfg.kind, pool=cfg.pool)
+    rows: list[dict] = []
+    if cfg.source == "s3":
+        with images.S3Source(root, n) as s3:
+            options = {"endpoint_url": s3.endpoint}
+            _end_to_end(cfg, rows, ckpt, dtype, root, n, s3.uri, options, s3.endpoint)
+    else:
+        _end_to_end(cfg, rows, ckpt, dtype, root, n, str(root), {}, "")
+    for row in rows:
+        row["mean_image_bytes"] = made["mean_bytes"]
+    return rows
+
+
+def _end_to_end(cfg, rows, ckpt, dtype, root, n, source, options, endpoint) -> None:
+    if "ours" not in cfg.skip:
+        run_stage(rows, "ours", measure_ours, cfg, ckpt, dtype, source, n, options)
+    compare = n in cfg.compare_at  # baseline and peer need not run at every size
+    if "baseline" not in cfg.skip and compare:
+        run_stage(rows, "baseline", measure_baseline, cfg, ckpt, dtype, root, n)
+    if "peer" not in cfg.skip and compare:
+        run_stage(rows, "peer", measure_peer, cfg, ckpt, dtype, source, n, endpoint)
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+# ---------------------------------------------------------------- report
+
+def _num(v, fmt="{:.1f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def format_block(cfg, block: dict) -> list[str]:
+    """The table and ratios of one (model, dtype)."""
+    # the ceiling is the machine's: the best forward rate at the end-to-end batch size, whatever the
+    # thread count, not the rate at the actor's own thread count (which would hide idle cores)
+    ceiling = max((r["rate"] for r in block["ceiling"] if r.get("batch") == cfg.batch_size), default=None)
+    lines = [f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}; "
+             f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
+             f"decode tasks {cfg.decode_cpus:g} CPU" + (", --fast-decode" if cfg.fast_decode else ""), "",
+             "| stage | images | batch | img/s (steady) | start-up s | wall s | peak RSS MiB (sum) "
+             "| peak PSS MiB | ours ÷ this | other work, cores |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [(r, None) for r in block["ceiling"]] + [(r, n) for n, rs in block["runs"].items() for r in rs]
+    for n in block["runs"]:
+        ours = next((r for r in block["runs"][n] if r["stage"] == "ours" and "error" not in r), None)
+        block.setdefault("ours_rate", {})[n] = ours and ours["rate"]
+    for r, n in rows:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | {_num(n, '{:,}')} | | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        ours_rate = block["ours_rate"].get(n) if n else next(iter(block["ours_rate"].values()), None)
+        ratio = ours_rate / r["rate"] if ours_rate and r.get("rate") else None
+        m = r["memory"]
+        lines.append(f"| {r['stage']} | {_num(r.get('images'), '{:,}')} | {r.get('batch', cfg.batch_size)} "
+                     f"| {_num(r.get('rate'))} | {_num(r.get('startup_s'))} | {_num(r.get('wall_s'))} "
+                     f"| {m['peak_rss_mib']:,.0f} | {m['peak_pss_mib']:,.0f} | {_num(ratio, '{:.2f}')} "
+                     f"| {m['other_cores']:.2f} |")
+    lines.append("")
+    for n, rs in block["runs"].items():
+        by = {r["stage"].split(" ")[0]: r for r in rs if "error" not in r}
+        ours = by.get("ours")
+        if not ours:
+            continue
+        parts = [f"ours / ceiling = {_ratio(ours, ceiling)} (target >= 0.85)",
+                 f"ours / baseline = {_ratio(ours, by.get('baseline', {}).get('rate'))}",
+                 f"ours / peer = {_ratio(ours, by.get('peer', {}).get('rate'))}",
+                 f"start-up {ours['startup_s']:.1f} s (target < 20 s; "
+                 + ", ".join(f"{k} at {v} s" for k, v in ours["startup_marks"].items()) + ")"]
+        lines.append(f"- {n:,} images: " + "; ".join(parts))
+        lines.append("  - ours' processes at its memory peak (RSS MiB): "
+                     + ", ".join(f"{name} {mib:,.0f}" for name, mib in ours["memory"]["at_peak"][:6]))
+    ours_mem = {n: r["memory"]["peak_rss_mib"] for n, rs in block["runs"].items() for r in rs
+                if r["stage"] == "ours" and "error" not in r}
+    if len(ours_mem) >= 2:
+        (n0, m0), (n1, m1) = sorted(ours_mem.items())[0], sorted(ours_mem.items())[-1]
+        lines.append(f"- ours' peak RSS at {n1:,} / at {n0:,} images = {m1 / m0:.2f} (target <= 1.10)")
+    return lines
+
+
+def _ratio(ours: dict, other: float | None) -> str:
+    return f"{ours['rate'] / other:.2f}" if other and ours.get("rate") else "–"
+
+
+def format_report(cfg, meta: dict, blocks: list[dict]) -> str:
+    hw = meta["hardware"]
+    lines = [f"### Run of {meta['date']}", "",
+             f"- Command: `{meta['command']}`", f"- Commit: `{meta['commit']}`",
+             f"- Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB RAM, GPU: {hw['gpu']}; "
+             f"Python {hw['python']}, " + ", ".join(f"{k} {v}" for k, v in hw["versions"].items()), ""]
+    for block in blocks:
+        lines += format_block(cfg, block) + [""]
+    busy = [r["memory"]["other_cores"] for b in blocks for r in b["ceiling"] + sum(b["runs"].values(), [])
+            if "memory" in r]
+    if busy and max(busy) > 0.15:
+        lines.append(f"Note: processes outside the stage kept up to {max(busy):.2f} cores busy during a stage "
+                     "(last column); those figures are low by about that share of the machine.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_out(path: Path, text: str, data: dict) -> None:
+    """JSON for ``.json``; markdown otherwise, between the markers if the file has them, else appended."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2, default=str))
+        return
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+    else:
+        path.write_text(old + ("\n" if old else "") + text)
+
+
+# ---------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--images", type=int, nargs="+", default=[1000], help="image counts (one e2e run each)")
+    p.add_argument("--compare-at", type=int, nargs="+", default=None,
+                   help="image counts at which baseline and peer run too (default: the smallest of --images)")
+    p.add_argument("--kind", choices=sorted(images.KINDS), default="small",
+                   help="small: 500x375 ~110 KB JPEGs; phone: 4000x3000 ~3 MB")
+    p.add_argument("--source", choices=["local", "s3"], default="local",
+                   help="s3: moto's S3 server on 127.0.0.1 (baseline still reads the local files)")
+    p.add_argument("--model", nargs="+", default=["facebook/deit-tiny-distilled-patch16-224"],
+                   help="hub names (built with random weights) or checkpoint directories")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64], help="ceiling batch sizes")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the end-to-end stages")
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="default: 1 on cuda; one per core on cpu (one 1-thread model per core)")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="default: 1 on cuda; on cpu the cores less half a core for decoding, shared by the actors")
+    p.add_argument("--decode-cpus", type=float, default=None, help="default: 1 on cuda, 0.5 on cpu")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0)
+    p.add_argument("--fast-decode", action="store_true", help="pass --fast-decode to ours")
+    p.add_argument("--ours-args", default="", help="more score-images run options, one shell string")
+    p.add_argument("--ceiling-threads", type=int, nargs="+", default=None,
+                   help="CPU thread counts for the ceiling (default: the actor's, and all cores)")
+    p.add_argument("--ceiling-seconds", type=float, default=8.0, help="timed seconds per ceiling point")
+    p.add_argument("--skip", nargs="+", choices=STAGES, default=[], help="stages to leave out")
+    p.add_argument("--pool", type=int, default=None, help="distinct images per set (default: 256 small, 16 phone)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/deit-throughput"),
+                   help="images, checkpoints, outputs and logs; image sets and checkpoints are reused")
+    p.add_argument("--out", type=Path, default=None, help="docs/benchmarks.md (markdown) or a .json file")
+    p.add_argument("--settle", type=float, default=10.0,
+                   help="seconds after the first result before the steady-state window opens")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="seconds to wait, before each stage, for other work on the machine to stop")
+    p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before a stage is killed")
+    cfg = p.parse_args(argv)
+    if cfg.batch_size not in cfg.batch_sizes:
+        cfg.batch_sizes.append(cfg.batch_size)
+    _default_layout(cfg, os.cpu_count() or 1)
+    if cfg.compare_at is None:
+        cfg.compare_at = [min(cfg.images)]
+    if cfg.ceiling_threads is None:
+        cfg.ceiling_threads = sorted({max(math.floor(cfg.cpus_per_actor), 1), os.cpu_count() or 1})
+    cfg.workdir = cfg.workdir.resolve()
+    cfg.logs = cfg.workdir / "logs"
+    return cfg
+
+
+def _default_layout(cfg: argparse.Namespace, cores: int) -> None:
+    """Fill in the actor layout the flags left open.
+
+    On a GPU one actor feeds the device. On a CPU the model itself is the
+    work: one single-threaded actor per core scores more than one actor with
+    a thread per core (two processes x 1 thread made 67.5 img/s against 68.0
+    for 1 x 2 threads here, and they leave the decode tasks room), and the
+    decode tasks get the half core that is left. Torch threads beyond the
+    cores (an actor and decode tasks both multi-threaded) cut throughput
+    five-fold here, so the layout never oversubscribes.
+    """
+    cpu = cfg.device == "cpu"
+    if cfg.num_actors is None:
+        cfg.num_actors = cores if cpu else 1
+    if cfg.decode_cpus is None:
+        cfg.decode_cpus = 0.5 if cpu else 1.0
+    if cfg.cpus_per_actor is None:
+        cfg.cpus_per_actor = round((cores - cfg.decode_cpus) / cfg.num_actors, 2) if cpu else 1.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--stage-child"]:
+        CHILDREN[argv[1]](json.loads(argv[2]))
+        return
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg.logs.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "benchmarks/throughput.py " + shlex.join(argv), "commit": git_commit(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "hardware": procmem.hardware()}
+    blocks = []
+    raw = cfg.workdir / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    for model in cfg.model:
+        ckpt = resolve_model(model, cfg.workdir)
+        for dtype in cfg.dtype:
+            block = {"model": model, "dtype": dtype, "checkpoint": str(ckpt), "ceiling": [], "runs": {}}
+            blocks.append(block)
+            if "ceiling" not in cfg.skip:
+                run_stage(block["ceiling"], "ceiling", measure_ceiling, cfg, ckpt, dtype)
+            for n in cfg.images:
+                block["runs"][n] = end_to_end(cfg, ckpt, dtype, n)
+                raw.write_text(json.dumps({"meta": meta, "blocks": blocks}, indent=2, default=str))
+    text = format_report(cfg, meta, blocks)
+    print(text)
+    if cfg.out:
+        write_out(cfg.out, text, {"meta": meta, "blocks": blocks})
+    logger.info("raw results in %s, stage logs in %s", raw, cfg.logs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The throughput benchmark's own parts: image sizes, the memory sampler, the timing rules.
+
+The benchmark itself (benchmarks/throughput.py) is not part of the suite; these
+check the pieces its figures rest on, in a few seconds.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import images  # noqa: E402
+import procmem  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_small_images_are_imagenet_sized():
+    sizes = [len(images.render(images.KINDS["small"], seed)) for seed in range(6)]
+    assert all(95_000 <= s <= 125_000 for s in sizes), sizes
+    assert len(set(sizes)) == len(sizes)  # distinct renders
+
+
+def test_phone_photo_is_12_megapixels_and_about_3_mb():
+    from PIL import Image
+    import io
+
+    data = images.render(images.KINDS["phone"], 0)
+    assert 2_500_000 <= len(data) <= 3_500_000
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.size == (4000, 3000) and img.format == "JPEG"
+
+
+def test_image_set_is_distinct_files_and_reused(tmp_path):
+    made = images.make_images(tmp_path / "set", 5, "small", pool=2, workers=1)
+    paths = [Path(p) for p in images.list_images(tmp_path / "set", 5)]
+    assert all(p.is_file() for p in paths) and made["n"] == 5 and made["pool"] == 2
+    assert len({p.stat().st_ino for p in paths}) == 5  # copies, not links
+    assert paths[0].read_bytes() == paths[2].read_bytes() != paths[1].read_bytes()
+    before = paths[4].stat().st_mtime_ns
+    assert images.make_images(tmp_path / "set", 5, "small", pool=2, workers=1) == made
+    assert paths[4].stat().st_mtime_ns == before  # reused, not rewritten
+
+
+def test_peak_memory_sums_the_process_tree(tmp_path):
+    # the parent holds 150 MiB and its child another 100 MiB while both sleep
+    child = "b = bytearray(100 * 2**20); import time; time.sleep(3)"
+    parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "a = bytearray(150 * 2**20); time.sleep(3); p.wait(); print('BENCH {\"event\": \"done\", \"n\": 2}')")
+    run = procmem.run_measured([sys.executable, "-c", parent], env={}, patterns={"done": r"\"n\": (\d+)"})
+    assert run.returncode == 0
+    assert run.memory.rss_bytes >= 250 * 2**20 and run.memory.processes >= 2
+    assert run.memory.pss_bytes >= 200 * 2**20
+    assert [e["event"] for e in run.events] == ["done"] and run.first("done")[1] == ("2",)
+    assert run.launched < run.events[0]["received"] <= run.ended
+
+
+def test_cpu_time_of_the_tree_is_counted_as_its_own():
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    run = procmem.run_measured([sys.executable, "-c", spin], env={})
+    assert 1.2 <= run.memory.tree_cpu_s <= 3.0  # its own, not "other work" (which a shared machine varies)
+
+
+def test_run_measured_kills_its_group_on_timeout():
+    start = time.monotonic()
+    run = procmem.run_measured([sys.executable, "-c", "import time; time.sleep(60)"], env={}, timeout=1)
+    assert run.returncode != 0 and time.monotonic() - start < 20
+
+
+def _run(launched: float) -> procmem.ChildRun:
+    return procmem.ChildRun(0, launched, launched + 100, {}, [], [], procmem.MemoryPeak())
+
+
+def test_steady_state_skips_the_settling_window_and_start_up():
+    # first result (64 images) at t=30, a queue of results right behind it, then 10 img/s
+    points = [(30.0, 64), (31.0, 128), (45.0, 264), (55.0, 364), (60.0, 414)]
+    row = throughput.stage_row("ours", 414, 414, _run(0.0), points, settle=10)
+    assert row["startup_s"] == 30.0
+    assert row["rate"] == pytest.approx(10.0)  # from t=45 to t=60, not from the first result
+    short = throughput.stage_row("ours", 128, 128, _run(0.0), points[:2], settle=10)
+    assert short["rate"] == pytest.approx(64.0)  # too short to settle: from the first result
+
+
+def test_a_run_missing_rows_reports_no_figure():
+    with pytest.raises(RuntimeError, match="wrote 99 rows for 100 images"):
+        throughput.stage_row("peer", 100, 99, _run(0.0), [(1.0, 32), (2.0, 100)], settle=10)
+
+
+def test_report_replaces_only_the_marked_block(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Title\n\nmethod\n\n{throughput.BEGIN}\nplaceholder\n{throughput.END}\n\nafter\n")
+    throughput.write_out(doc, "new table\n", {})
+    assert doc.read_text() == f"# Title\n\nmethod\n\n{throughput.BEGIN}\nnew table\n{throughput.END}\n\nafter\n"
+
+
+def test_report_table_and_ratios():
+    cfg = SimpleNamespace(cpus_per_actor=1.0, batch_size=32, device="cpu", kind="small", source="local",
+                          num_actors=1, decode_cpus=1.0, fast_decode=False)
+    mem = procmem.MemoryPeak(rss_bytes=2**30, pss_bytes=2**29).as_dict()
+    block = {"model": "m", "dtype": "fp32",
+             "ceiling": [{"stage": "ceiling (1 thread)", "threads": 1, "batch": 32, "rate": 21.0, "memory": mem,
+                          "busy_before": 0.0},
+                         {"stage": "ceiling (2 threads)", "threads": 2, "batch": 32, "rate": 40.0, "memory": mem,
+                          "busy_before": 0.0},
+                         {"stage": "ceiling (2 threads)", "threads": 2, "batch": 64, "rate": 45.0, "memory": mem,
+                          "busy_before": 0.0}],
+             "runs": {1000: [
+                 {"stage": "ours", "images": 1000, "rate": 36.0, "startup_s": 12.0, "wall_s": 50.0, "memory": mem,
+                  "startup_marks": {"ray_connected": 5.0}, "busy_before": 0.0},
+                 {"stage": "baseline", "images": 1000, "rate": 12.0, "startup_s": 5.0, "wall_s": 90.0,
+                  "memory": mem, "busy_before": 0.0},
+                 {"stage": "peer", "error": "boom"}]}}
+    text = "\n".join(throughput.format_block(cfg, block))
+    # against the best rate at the end-to-end batch size (2 threads), not the actor's 1 thread or batch 64
+    assert "ours / ceiling = 0.90" in text and "ours / baseline = 3.00" in text and "ours / peer = –" in text
+    assert "| ours | 1,000 | 32 | 36.0 | 12.0 | 50.0 | 1,024 | 512 | 1.00 |" in text
+    assert "| peer | 1,000 | | failed: boom |" in text
+
+
+def test_baseline_and_peer_run_only_at_the_compared_sizes(monkeypatch):
+    cfg = throughput.parse_args(["--images", "10000", "100000"])
+    assert cfg.compare_at == [10000]
+    ran = []
+    monkeypatch.setattr(throughput, "run_stage", lambda rows, stage, *a: ran.append(stage))
+    for n in cfg.images:
+        throughput._end_to_end(cfg, [], None, "fp32", None, n, "src", {}, "")
+    assert ran == ["ours", "baseline", "peer", "ours"]

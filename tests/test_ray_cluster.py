@@ -1,0 +1,65 @@
+"""Ray started early by the command line, and handed to the run's session.
+
+The real start (a local cluster begun on a thread while Prefect starts) runs
+in every CLI test that scores, such as the demo's subprocess; these check the
+hand-over rules with the cluster start replaced, since a second real cluster
+cannot start beside the session's.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import types
+
+import pytest
+
+from tasks import ray_cluster
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """Record starts and shutdowns instead of touching the session's Ray cluster."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray_cluster, "_init", lambda address: calls.append(("init", address)))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown",)))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setitem(sys.modules, "ray.data", types.ModuleType("ray.data"))  # its import is part of the start
+    yield calls
+    ray_cluster.stop_early()
+
+
+def _starter_alive() -> bool:
+    return any(t.name == "ray-early-start" and t.is_alive() for t in threading.enumerate())
+
+
+def test_session_takes_the_early_start_and_shuts_it_down(fake_ray):
+    ray_cluster.start_early("ray://head:10001")
+    with ray_cluster.ray_session("ray://head:10001"):
+        assert fake_ray == [("init", "ray://head:10001")]  # started once, not again by the session
+        assert _starter_alive()  # Ray's daemons die with the thread that started them
+    assert fake_ray[-1] == ("shutdown",)
+    for thread in threading.enumerate():
+        if thread.name == "ray-early-start":
+            thread.join(timeout=5)
+    assert not _starter_alive()  # and it ends once the cluster is down
+
+
+def test_early_failure_is_the_sessions_error(fake_ray, monkeypatch):
+    def refuse(address):
+        raise ConnectionError("no cluster at ray://nowhere:1")
+
+    monkeypatch.setattr(ray_cluster, "_init", refuse)
+    ray_cluster.start_early("ray://nowhere:1")
+    with pytest.raises(ConnectionError, match="nowhere"):
+        with ray_cluster.ray_session("ray://nowhere:1"):
+            pass
+
+
+def test_an_unused_early_start_is_shut_down(fake_ray):
+    ray_cluster.start_early(None)
+    ray_cluster.stop_early()
+    assert fake_ray == [("init", None), ("shutdown",)]
+    ray_cluster.stop_early()  # nothing left to stop
+    assert fake_ray == [("init", None), ("shutdown",)]
