@@ -186,7 +186,10 @@ def child_peer(a: dict) -> None:
         pixels = processor(images=list(batch["image"]), return_tensors="np")["pixel_values"]
         return {"path": batch["path"], "pixel_values": pixels}
 
-    ds = ray.data.read_images(a["input"], mode="RGB", include_paths=True, filesystem=filesystem)
+    # read tasks reserve 1 CPU by default, which the actors' 1.5 of 2 CPUs leave no room for: the
+    # recipe then waits forever (ray-project/ray#44687); they get the decode tasks' share, as ours do
+    ds = ray.data.read_images(a["input"], mode="RGB", include_paths=True, filesystem=filesystem,
+                              ray_remote_args={"num_cpus": a["decode_cpus"]})
     ds = ds.map_batches(preprocess, num_cpus=a["decode_cpus"])
     ds = ds.map_batches(PeerClassifier, fn_constructor_kwargs={
         "ckpt": a["ckpt"], "device": a["device"], "dtype": a["dtype"], "marks": a["marks"]},
