@@ -36,7 +36,11 @@ def start_early(address: str | None) -> None:
     The thread also imports Ray Data (seconds more). A failure surfaces in
     :func:`ray_session`, where the run would have started Ray anyway.
     """
+    import ray
+
     global _early
+    if ray.is_initialized():  # already connected (an embedding program, a test): nothing to start
+        return
     with _lock:
         if _early is not None:
             return
@@ -70,6 +74,8 @@ def stop_early() -> None:
         fut.result()
     except BaseException:  # noqa: BLE001 - it never served a run; nothing to report
         logger.debug("early Ray start had failed", exc_info=True)
+        _release.set()
+        return  # it connected to nothing, so there is nothing of ours to shut down
     _shutdown()
 
 

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import images  # noqa: E402
 import procmem  # noqa: E402
+import report  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -91,9 +92,9 @@ def test_a_run_missing_rows_reports_no_figure():
 
 def test_report_replaces_only_the_marked_block(tmp_path):
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# Title\n\nmethod\n\n{throughput.BEGIN}\nplaceholder\n{throughput.END}\n\nafter\n")
-    throughput.write_out(doc, "new table\n", {})
-    assert doc.read_text() == f"# Title\n\nmethod\n\n{throughput.BEGIN}\nnew table\n{throughput.END}\n\nafter\n"
+    doc.write_text(f"# Title\n\nmethod\n\n{report.BEGIN}\nplaceholder\n{report.END}\n\nafter\n")
+    report.write_out(doc, "new table\n", {})
+    assert doc.read_text() == f"# Title\n\nmethod\n\n{report.BEGIN}\nnew table\n{report.END}\n\nafter\n"
 
 
 def test_report_table_and_ratios():
@@ -113,7 +114,7 @@ def test_report_table_and_ratios():
                  {"stage": "baseline", "images": 1000, "rate": 12.0, "startup_s": 5.0, "wall_s": 90.0,
                   "memory": mem, "busy_before": 0.0},
                  {"stage": "peer", "error": "boom"}]}}
-    text = "\n".join(throughput.format_block(cfg, block))
+    text = "\n".join(report.format_block(cfg, block))
     # against the best rate at the end-to-end batch size (2 threads), not the actor's 1 thread or batch 64
     assert "ours / ceiling = 0.90" in text and "ours / baseline = 3.00" in text and "ours / peer = –" in text
     assert "| ours | 1,000 | 32 | 36.0 | 12.0 | 50.0 | 1,024 | 512 | 1.00 |" in text

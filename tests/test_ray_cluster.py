@@ -57,6 +57,27 @@ def test_early_failure_is_the_sessions_error(fake_ray, monkeypatch):
             pass
 
 
+def test_nothing_starts_when_ray_is_already_connected(fake_ray, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    ray_cluster.start_early(None)
+    ray_cluster.stop_early()  # must not shut down a cluster that someone else connected to
+    with ray_cluster.ray_session(None):
+        pass
+    assert fake_ray == []
+
+
+def test_a_failed_early_start_shuts_nothing_down(fake_ray, monkeypatch):
+    def refuse(address):
+        raise ConnectionError("refused")
+
+    monkeypatch.setattr(ray_cluster, "_init", refuse)
+    ray_cluster.start_early(None)
+    ray_cluster.stop_early()
+    assert fake_ray == []
+
+
 def test_an_unused_early_start_is_shut_down(fake_ray):
     ray_cluster.start_early(None)
     ray_cluster.stop_early()

@@ -1,0 +1,96 @@
+"""The throughput benchmark's report: the table and ratios per (model, dtype), and where it is written.
+
+Split from throughput.py, which measures; this only formats what it measured.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+
+
+def _num(v, fmt="{:.1f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def format_block(cfg, block: dict) -> list[str]:
+    """The table and ratios of one (model, dtype)."""
+    # the ceiling is the machine's: the best forward rate at the end-to-end batch size, whatever the
+    # thread count, not the rate at the actor's own thread count (which would hide idle cores)
+    ceiling = max((r["rate"] for r in block["ceiling"] if r.get("batch") == cfg.batch_size), default=None)
+    lines = [f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}; "
+             f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
+             f"decode tasks {cfg.decode_cpus:g} CPU" + (", --fast-decode" if cfg.fast_decode else ""), "",
+             "| stage | images | batch | img/s (steady) | start-up s | wall s | peak RSS MiB (sum) "
+             "| peak PSS MiB | ours ÷ this | other work, cores |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [(r, None) for r in block["ceiling"]] + [(r, n) for n, rs in block["runs"].items() for r in rs]
+    for n in block["runs"]:
+        ours = next((r for r in block["runs"][n] if r["stage"] == "ours" and "error" not in r), None)
+        block.setdefault("ours_rate", {})[n] = ours and ours["rate"]
+    for r, n in rows:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | {_num(n, '{:,}')} | | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        ours_rate = block["ours_rate"].get(n) if n else next(iter(block["ours_rate"].values()), None)
+        ratio = ours_rate / r["rate"] if ours_rate and r.get("rate") else None
+        m = r["memory"]
+        lines.append(f"| {r['stage']} | {_num(r.get('images'), '{:,}')} | {r.get('batch', cfg.batch_size)} "
+                     f"| {_num(r.get('rate'))} | {_num(r.get('startup_s'))} | {_num(r.get('wall_s'))} "
+                     f"| {m['peak_rss_mib']:,.0f} | {m['peak_pss_mib']:,.0f} | {_num(ratio, '{:.2f}')} "
+                     f"| {m['other_cores']:.2f} |")
+    lines.append("")
+    for n, rs in block["runs"].items():
+        by = {r["stage"].split(" ")[0]: r for r in rs if "error" not in r}
+        ours = by.get("ours")
+        if not ours:
+            continue
+        parts = [f"ours / ceiling = {_ratio(ours, ceiling)} (target >= 0.85)",
+                 f"ours / baseline = {_ratio(ours, by.get('baseline', {}).get('rate'))}",
+                 f"ours / peer = {_ratio(ours, by.get('peer', {}).get('rate'))}",
+                 f"start-up {ours['startup_s']:.1f} s (target < 20 s; "
+                 + ", ".join(f"{k} at {v} s" for k, v in ours["startup_marks"].items()) + ")"]
+        lines.append(f"- {n:,} images: " + "; ".join(parts))
+        lines.append("  - ours' processes at its memory peak (RSS MiB): "
+                     + ", ".join(f"{name} {mib:,.0f}" for name, mib in ours["memory"]["at_peak"][:6]))
+    ours_mem = {n: r["memory"]["peak_rss_mib"] for n, rs in block["runs"].items() for r in rs
+                if r["stage"] == "ours" and "error" not in r}
+    if len(ours_mem) >= 2:
+        (n0, m0), (n1, m1) = sorted(ours_mem.items())[0], sorted(ours_mem.items())[-1]
+        lines.append(f"- ours' peak RSS at {n1:,} / at {n0:,} images = {m1 / m0:.2f} (target <= 1.10)")
+    return lines
+
+
+def _ratio(ours: dict, other: float | None) -> str:
+    return f"{ours['rate'] / other:.2f}" if other and ours.get("rate") else "–"
+
+
+def format_report(cfg, meta: dict, blocks: list[dict]) -> str:
+    hw = meta["hardware"]
+    lines = [f"### Run of {meta['date']}", "",
+             f"- Command: `{meta['command']}`", f"- Commit: `{meta['commit']}`",
+             f"- Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB RAM, GPU: {hw['gpu']}; "
+             f"Python {hw['python']}, " + ", ".join(f"{k} {v}" for k, v in hw["versions"].items()), ""]
+    for block in blocks:
+        lines += format_block(cfg, block) + [""]
+    busy = [r["memory"]["other_cores"] for b in blocks for r in b["ceiling"] + sum(b["runs"].values(), [])
+            if "memory" in r]
+    if busy and max(busy) > 0.15:
+        lines.append(f"Note: processes outside the stage kept up to {max(busy):.2f} cores busy during a stage "
+                     "(last column); those figures are low by about that share of the machine.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_out(path: Path, text: str, data: dict) -> None:
+    """JSON for ``.json``; markdown otherwise, between the markers if the file has them, else appended."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2, default=str))
+        return
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+    else:
+        path.write_text(old + ("\n" if old else "") + text)
