@@ -51,7 +51,8 @@ OURS_PATTERNS = {  # log lines of score-images run (tasks/pipeline.py, tasks/ray
     "planned": r"planned (\d+) images",
     "ray_connected": r"ray: connected",
     "dataset_started": r"Execution plan of Dataset",
-    "weights_loading": r"ScoringActor.*Loading weights",  # the actor's transformers load (forwarded by Ray)
+    # transformers' load bar, forwarded by Ray on a line of its own (the actor's name is on the line before)
+    "weights_loaded": r"Loading weights: 100%",
 }
 
 

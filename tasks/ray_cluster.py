@@ -63,11 +63,17 @@ def start_early(address: str | None) -> None:
     threading.Thread(target=work, name="ray-early-start", daemon=True).start()
 
 
-def stop_early() -> None:
-    """Shut down a cluster that :func:`start_early` began and no session took (nothing was scored)."""
+def _take_early() -> Future | None:
+    """The pending early start, now owned by the caller (None if there is none)."""
     global _early
     with _lock:
         fut, _early = _early, None
+    return fut
+
+
+def stop_early() -> None:
+    """Shut down a cluster that :func:`start_early` began and no session took (nothing was scored)."""
+    fut = _take_early()
     if fut is None:
         return
     try:
@@ -97,9 +103,7 @@ def ray_session(address: str | None) -> Iterator[None]:
     """
     import ray
 
-    global _early
-    with _lock:
-        fut, _early = _early, None
+    fut = _take_early()
     if fut is not None:
         fut.result()  # the early start's error, if any, is this session's
     elif ray.is_initialized():
