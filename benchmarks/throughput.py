@@ -292,8 +292,8 @@ def measure_peer(cfg, ckpt: Path, dtype: str, source: str, n: int, endpoint: str
     path = source.removeprefix("s3://") if endpoint else source
     run = run_child("peer", {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "input": path,
                              "output": str(out), "marks": str(marks), "batch_size": cfg.batch_size,
-                             "num_actors": cfg.num_actors, "cpus_per_actor": cfg.cpus_per_actor,
-                             "decode_cpus": cfg.decode_cpus, "gpus_per_actor": cfg.gpus_per_actor,
+                             "num_actors": cfg.num_actors, "cpus_per_actor": cfg.peer_cpus_per_actor,
+                             "decode_cpus": cfg.peer_decode_cpus, "gpus_per_actor": cfg.gpus_per_actor,
                              "endpoint": endpoint}, cfg.logs / f"peer-{ckpt.name}-{dtype}-{n}.log", cfg.timeout,
                     env=child_env(images.S3Source.CREDENTIALS if endpoint else None))
     batches = sorted((float(t), int(k)) for t, k in (line.split() for line in marks.read_text().splitlines()))
@@ -410,8 +410,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-actors", type=int, default=None,
                    help="default: 1 on cuda; one per core on cpu (one 1-thread model per core)")
     p.add_argument("--cpus-per-actor", type=float, default=None,
-                   help="default: 1 on cuda; on cpu the cores less half a core for decoding, shared by the actors")
-    p.add_argument("--decode-cpus", type=float, default=None, help="default: 1 on cuda, 0.5 on cpu")
+                   help="default: 1 on cuda; on cpu the cores less the decode CPUs, shared by the actors")
+    p.add_argument("--decode-cpus", type=float, default=None,
+                   help="default: 1 on cuda, 0 on cpu (ours decodes in its actors; the peer's recipe has "
+                        "separate read and preprocess tasks and gets half a core for them)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0)
     p.add_argument("--fast-decode", action="store_true", help="pass --fast-decode to ours")
     p.add_argument("--ours-args", default="", help="more score-images run options, one shell string")
@@ -442,23 +444,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _default_layout(cfg: argparse.Namespace, cores: int) -> None:
-    """Fill in the actor layout the flags left open.
+    """Fill in the actor layouts (ours, and the peer's) the flags left open.
 
     On a GPU one actor feeds the device. On a CPU the model itself is the
     work: one single-threaded actor per core scores more than one actor with
     a thread per core (two processes x 1 thread made 67.5 img/s against 68.0
-    for 1 x 2 threads here, and they leave the decode tasks room), and the
-    decode tasks get the half core that is left. Torch threads beyond the
-    cores (an actor and decode tasks both multi-threaded) cut throughput
-    five-fold here, so the layout never oversubscribes.
+    for 1 x 2 threads here), and ours decodes inside its actors (decode_cpus
+    0), as decode and model share the cores anyway. The peer's recipe keeps
+    its separate read and preprocess tasks, with half a core for them. Torch
+    threads beyond the cores (an actor and decode tasks both multi-threaded)
+    cut throughput five-fold here, so no layout oversubscribes.
     """
     cpu = cfg.device == "cpu"
     if cfg.num_actors is None:
         cfg.num_actors = cores if cpu else 1
     if cfg.decode_cpus is None:
-        cfg.decode_cpus = 0.5 if cpu else 1.0
+        cfg.decode_cpus = 0.0 if cpu else 1.0
     if cfg.cpus_per_actor is None:
         cfg.cpus_per_actor = round((cores - cfg.decode_cpus) / cfg.num_actors, 2) if cpu else 1.0
+    cfg.peer_decode_cpus, cfg.peer_cpus_per_actor = cfg.decode_cpus, cfg.cpus_per_actor
+    if cfg.decode_cpus == 0:  # the recipe's read and preprocess tasks need CPUs of their own
+        cfg.peer_decode_cpus = 0.5 if cpu else 1.0
+        if cpu:
+            cfg.peer_cpus_per_actor = round((cores - cfg.peer_decode_cpus) / cfg.num_actors, 2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,16 +1,33 @@
 """DeiT scoring: checkpoint loading, decoding, preprocessing and scoring.
 
 Imports torch and the model libraries only; no orchestration code lives here.
+Names are imported on first use (PEP 562), so a caller that only resolves or
+inspects a checkpoint does not pay seconds of torch and transformers imports.
 """
-from .decode import DecodeError, decode_image
-from .loading import CheckpointRef, ModelLoadError, resolve_checkpoint
-from .model import CheckpointInfo, embedding_dim, inspect_checkpoint
-from .preprocess import Preprocessor, load_preprocessor
-from .random_checkpoint import create_random_checkpoint, create_random_timm_checkpoint, known_checkpoints
-from .scorer import ScoreResult, Scorer, create_scorer
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointInfo", "CheckpointRef", "DecodeError", "ModelLoadError", "Preprocessor", "ScoreResult",
-    "Scorer", "create_random_checkpoint", "create_random_timm_checkpoint", "create_scorer", "decode_image",
-    "embedding_dim", "inspect_checkpoint", "known_checkpoints", "load_preprocessor", "resolve_checkpoint",
-]
+import importlib
+
+_EXPORTS = {
+    "DecodeError": "decode", "decode_image": "decode",
+    "CheckpointRef": "loading", "ModelLoadError": "loading", "resolve_checkpoint": "loading",
+    "CheckpointInfo": "model", "embedding_dim": "model", "inspect_checkpoint": "model",
+    "Preprocessor": "preprocess", "load_preprocessor": "preprocess",
+    "create_random_checkpoint": "random_checkpoint", "create_random_timm_checkpoint": "random_checkpoint",
+    "known_checkpoints": "random_checkpoint",
+    "ScoreResult": "scorer", "Scorer": "scorer", "create_scorer": "scorer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

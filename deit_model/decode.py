@@ -65,7 +65,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:
-        raise DecodeError(NOT_AN_IMAGE, f"not a recognised image format: {exc}") from exc
+        # PIL's text names an in-memory buffer by its address, which means nothing in an
+        # errors table and differs between runs; the object's first bytes say what it is
+        raise DecodeError(NOT_AN_IMAGE, f"not a recognised image format ({len(data)} bytes, starting "
+                                        f"{data[:8]!r})") from exc
     except Image.DecompressionBombError as exc:
         raise DecodeError(TOO_LARGE, str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

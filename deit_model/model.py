@@ -20,11 +20,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .loading import ModelLoadError
+
+if TYPE_CHECKING:  # torch is imported where a model is built, not to read a config
+    import torch
 
 logger = logging.getLogger(__name__)
 

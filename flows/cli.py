@@ -155,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def check_settings(params: dict) -> ScoreSettings:
-    """Validate parameters, model, preprocessing and input before anything starts; UsageError if bad.
+def check_settings(params: dict) -> tuple[ScoreSettings, str]:
+    """(settings, local checkpoint directory), validated before anything starts; UsageError if bad.
 
-    Reading the preprocessing also imports the image-processing libraries
-    here, before Ray and Prefect start, instead of in the score task.
+    Only cheap checks (no torch import): the model's files and config, and one
+    listing call. The preprocessing is checked by :func:`check_preprocessing`.
     """
-    from deit_model import ModelLoadError, inspect_checkpoint, load_preprocessor, resolve_checkpoint
+    from deit_model import ModelLoadError, inspect_checkpoint, resolve_checkpoint
     from tasks.enumerate import list_images
 
     try:
@@ -171,24 +171,48 @@ def check_settings(params: dict) -> ScoreSettings:
     try:
         local_dir = resolve_checkpoint(settings.model, settings.revision, settings.storage_options).local_dir
         inspect_checkpoint(local_dir)
-        load_preprocessor(local_dir)
         next(iter(list_images(settings.input, settings.storage_options)), None)
     except (ModelLoadError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    return settings
+    return settings, local_dir
+
+
+def check_preprocessing(local_dir: str) -> None:
+    """Read the checkpoint's preprocessing (UsageError if it cannot be read).
+
+    It imports torch and the image-processing libraries here, seconds of CPU
+    that overlap Ray's and Prefect's start instead of delaying the score task.
+    """
+    from deit_model import ModelLoadError, load_preprocessor
+
+    try:
+        load_preprocessor(local_dir)
+    except (ModelLoadError, OSError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_flow(params: dict) -> int:
     """Check ``params``, run the flow, print the summary; return the exit code."""
-    settings = check_settings(params)
+    settings, local_dir = check_settings(params)
     from tasks.ray_cluster import start_early, stop_early
 
-    start_early(settings.resolved_ray_address())  # Ray boots while Prefect starts (5 to 10 s each here)
+    from .prefect_early import start_temporary_server
+
+    # Ray and Prefect's server boot in other processes (5 to 10 s each on 2 cores)
+    # while this one imports the model libraries
+    start_early(settings.resolved_ray_address())
+    wait_for_prefect = start_temporary_server()
+    try:
+        check_preprocessing(local_dir)
+    except UsageError:
+        stop_early()
+        raise
     from tasks.pipeline import ErrorThresholdExceeded
     from tasks.report import format_summary
 
     from .score_images import score_images
 
+    wait_for_prefect()
     try:
         state = score_images(**settings.model_dump(), return_state=True)
     finally:

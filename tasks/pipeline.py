@@ -79,7 +79,8 @@ def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
     actor = {"CPU": settings.cpus_per_actor}
     if settings.device == "cuda":
         actor["GPU"] = settings.gpus_per_actor
-    request_resources(bundles=[dict(actor) for _ in range(settings.num_actors)] + [{"CPU": settings.decode_cpus}])
+    decode = [{"CPU": settings.decode_cpus}] if settings.decode_cpus > 0 else []
+    request_resources(bundles=[dict(actor) for _ in range(settings.num_actors)] + decode)
     logger.info("waiting up to %.0f s for the cluster to provide %d x %s + %g decode CPUs",
                 settings.resource_wait_seconds, settings.num_actors, actor, settings.decode_cpus)
     deadline = time.monotonic() + settings.resource_wait_seconds
@@ -127,19 +128,22 @@ def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preproc
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # we log our own progress, readable in Prefect too
-    blocks = [plan.slice(i, DECODE_BLOCK_ROWS) for i in range(0, plan.num_rows, DECODE_BLOCK_ROWS)]
+    # decode tasks need blocks to spread over; an actor that decodes its own rows takes
+    # one batch per block, so its first results (and a model failure) come back after one batch
+    rows = DECODE_BLOCK_ROWS if settings.decode_cpus > 0 else settings.batch_size
+    blocks = [plan.slice(i, rows) for i in range(0, plan.num_rows, rows)]
     ds = ray.data.from_arrow(blocks)
-    # The memory reservation keeps Ray from packing too many decode tasks onto a
-    # node (a block of 12 MP photos holds hundreds of MB while decoding). It also
-    # makes the stages' remote args differ, which keeps Ray Data from fusing
-    # decode into the scoring actor: fused, an actor would decode and score in
-    # turn instead of overlapping them.
-    ds = ds.map_batches(
-        decode_batch, batch_format="numpy", batch_size=None, num_cpus=settings.decode_cpus,
-        memory=DECODE_TASK_MEMORY, udf_modifying_row_count=False,
-        fn_kwargs={"preprocessor": preprocessor, "max_pixels": settings.max_pixels,
-                   "fast_decode": settings.fast_decode,
-                   "storage_options": settings.storage_options})
+    decode = {"preprocessor": preprocessor, "max_pixels": settings.max_pixels,
+              "fast_decode": settings.fast_decode, "storage_options": settings.storage_options}
+    if settings.decode_cpus > 0:
+        # The memory reservation keeps Ray from packing too many decode tasks onto a
+        # node (a block of 12 MP photos holds hundreds of MB while decoding). It also
+        # makes the stages' remote args differ, which keeps Ray Data from fusing
+        # decode into the scoring actor: fused, an actor would decode and score in
+        # turn instead of overlapping them (wanted only with decode_cpus=0, below).
+        ds = ds.map_batches(
+            decode_batch, batch_format="numpy", batch_size=None, num_cpus=settings.decode_cpus,
+            memory=DECODE_TASK_MEMORY, udf_modifying_row_count=False, fn_kwargs=decode)
     ds = ds.map_batches(
         ScoringActor, batch_format="numpy", batch_size=settings.batch_size, udf_modifying_row_count=False,
         compute=ActorPoolStrategy(size=settings.num_actors),
@@ -151,7 +155,7 @@ def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preproc
             "model": ref.source, "revision": ref.revision, "device": placement.device,
             "dtype": settings.dtype, "top_k": settings.top_k,
             "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name,
-            "spec": writer.spec})
+            "spec": writer.spec, "decode": None if settings.decode_cpus > 0 else decode})
     progress = _Progress(plan.num_rows, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)

@@ -8,6 +8,7 @@ the cluster it started instead of starting another.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -23,6 +24,11 @@ _lock = threading.Lock()
 def _init(address: str | None) -> None:
     import ray
 
+    # A local cluster we start would prestart one idle worker per CPU for this
+    # driver. Ray Data never uses them (its tasks carry their own runtime env and
+    # its actors get fresh processes), so on a small machine they only take CPU
+    # from the start-up. A cluster we join keeps its own setting.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True, configure_logging=True)
     # with no address, ray.init joins a cluster already running on this machine

@@ -34,7 +34,9 @@ class ScoreSettings(BaseModel):
     gpus_per_actor: float = Field(
         1.0, ge=0, le=8, description="GPUs each actor asks for when the cluster has GPUs (fractions share a GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, le=64, description="CPUs each scoring actor reserves")
-    decode_cpus: float = Field(1.0, gt=0, le=64, description="CPUs each decode task reserves")
+    decode_cpus: float = Field(
+        1.0, ge=0, le=64, description="CPUs each decode task reserves; 0 decodes inside the scoring actors (the "
+                                      "fastest layout on CPU-only machines, where decode and model share the cores)")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="model precision: auto is bf16 on GPUs that support it, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where actors run the model")

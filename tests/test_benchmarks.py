@@ -99,7 +99,8 @@ def test_report_replaces_only_the_marked_block(tmp_path):
 
 def test_report_table_and_ratios():
     cfg = SimpleNamespace(cpus_per_actor=1.0, batch_size=32, device="cpu", kind="small", source="local",
-                          num_actors=1, decode_cpus=1.0, fast_decode=False)
+                          num_actors=1, decode_cpus=1.0, fast_decode=False, peer_cpus_per_actor=1.0,
+                          peer_decode_cpus=1.0)
     mem = procmem.MemoryPeak(rss_bytes=2**30, pss_bytes=2**29).as_dict()
     block = {"model": "m", "dtype": "fp32",
              "ceiling": [{"stage": "ceiling (1 thread)", "threads": 1, "batch": 32, "rate": 21.0, "memory": mem,
@@ -119,6 +120,21 @@ def test_report_table_and_ratios():
     assert "ours / ceiling = 0.90" in text and "ours / baseline = 3.00" in text and "ours / peer = –" in text
     assert "| ours | 1,000 | 32 | 36.0 | 12.0 | 50.0 | 1,024 | 512 | 1.00 |" in text
     assert "| peer | 1,000 | | failed: boom |" in text
+
+
+@pytest.mark.parametrize("device, decode, ours, peer", [
+    ("cpu", None, (2, 1.0, 0.0), (2, 0.75, 0.5)),  # ours decodes in its actors, the recipe keeps its tasks
+    ("cpu", 0.5, (2, 0.75, 0.5), (2, 0.75, 0.5)),
+    ("cuda", None, (1, 1.0, 1.0), (1, 1.0, 1.0)),
+])
+def test_default_layouts_on_two_cores(device, decode, ours, peer):
+    cfg = SimpleNamespace(device=device, num_actors=None, cpus_per_actor=None, decode_cpus=decode)
+    throughput._default_layout(cfg, 2)
+    assert (cfg.num_actors, cfg.cpus_per_actor, cfg.decode_cpus) == ours
+    assert (cfg.num_actors, cfg.peer_cpus_per_actor, cfg.peer_decode_cpus) == peer
+    if device == "cpu":  # never more reserved than the cores: Ray would queue forever
+        assert cfg.num_actors * cfg.cpus_per_actor + cfg.decode_cpus <= 2
+        assert cfg.num_actors * cfg.peer_cpus_per_actor + cfg.peer_decode_cpus <= 2
 
 
 def test_baseline_and_peer_run_only_at_the_compared_sizes(monkeypatch):

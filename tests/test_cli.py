@@ -1,6 +1,11 @@
 """The command line and the flow's parameter schema: help, validation, exit codes."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from flows.cli import EXIT_USAGE, main
@@ -84,3 +89,52 @@ def test_readme_shows_the_real_help(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert block.strip() == capsys.readouterr().out.strip()
+
+
+def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, **(env or {})})
+
+
+def test_bad_input_is_refused_before_anything_heavy_loads(tmp_path, tiny_checkpoint):
+    """The cheap checks run first: no torch, transformers, Ray or Prefect for a typo in --input."""
+    proc = _python(f"""
+        import sys
+        from flows.cli import main
+        code = main(["run", "--input", {str(tmp_path / 'nope')!r}, "--output", {str(tmp_path / 'o')!r},
+                     "--model", {str(tiny_checkpoint)!r}])
+        print(code, [m for m in ("torch", "transformers", "ray", "prefect") if m in sys.modules])
+    """)
+    assert proc.stdout.split() == ["2", "[]"], proc.stderr
+    assert "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_early_prefect_server_is_the_one_the_flow_uses(tmp_path):
+    proc = _python("""
+        import threading
+        from flows.prefect_early import start_temporary_server
+        wait = start_temporary_server()
+        assert any(t.name == "prefect-early-start" for t in threading.enumerate())
+        wait()
+        from prefect.client.orchestration import get_client
+        from prefect.server.api.server import SubprocessASGIServer
+        server = SubprocessASGIServer()
+        assert server.running and server.server_process.poll() is None
+        with get_client(sync_client=True) as client:  # what a flow run's engine asks for
+            assert str(client.api_url).rstrip("/") == server.api_url, (client.api_url, server.api_url)
+            assert client.api_healthcheck() is None
+        print("same server")
+    """, env={"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": "",
+              "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    assert proc.stdout.strip().endswith("same server"), proc.stderr[-2000:]
+
+
+def test_no_early_server_when_an_api_is_configured(prefect_harness):
+    import threading
+
+    from flows.prefect_early import start_temporary_server
+
+    before = threading.active_count()
+    start_temporary_server()()
+    assert threading.active_count() == before
+    assert not any(t.name == "prefect-early-start" for t in threading.enumerate())

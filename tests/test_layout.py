@@ -43,6 +43,7 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
 
     actor = object.__new__(ScoringActor)
     actor.scorer, actor.run_id, actor.model_name, actor.spec = _Scorer(), "r", "m", OutputSpec(2)
+    actor.decode = None
     actor.schema = scored_schema(OutputSpec(2))
     batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),
              "pixel_values": np.zeros((2, 3, 4, 4), np.float32),
@@ -52,6 +53,30 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
     preds, errs = split_scored(actor(batch), OutputSpec(2))
     assert preds.num_rows == 2 and errs.num_rows == 0 and preds["label_ids"].null_count == 0
     assert preds["source_size"].to_pylist() == [1, None] and preds["source_mtime"].null_count == 1
+
+
+def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpoint, photos, tmp_path):
+    """decode_cpus=0: plan rows in, the same rows out as decode_batch followed by the actor."""
+    import numpy as np
+
+    from deit_model import load_preprocessor
+    from tasks.decode import decode_batch
+    from tasks.score import ScoringActor
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    uris = [f"file://{p}" for p in sorted(photos.glob("*"))[:3]] + [f"file://{tmp_path / 'broken.jpg'}"]
+    plan = {"uri": np.array(uris, object), "source_size": np.arange(4.0), "source_etag": np.array([None] * 4, object),
+            "source_mtime": np.array(["2026-01-01"] * 4, dtype="datetime64[us]")}
+    decode = {"preprocessor": load_preprocessor(str(tiny_checkpoint)), "max_pixels": 10**8, "fast_decode": False,
+              "storage_options": {}}
+    kw = {"model": str(tiny_checkpoint), "revision": None, "device": "cpu", "dtype": "fp32", "top_k": 3,
+          "storage_options": {}, "run_id": "r", "model_name": "m", "spec": OutputSpec(64)}
+    fused = ScoringActor(**kw, decode=decode)(dict(plan)).drop(["scored_at"])
+    apart = ScoringActor(**kw)(decode_batch(dict(plan), **decode)).drop(["scored_at"])
+    assert fused.equals(apart)
+    assert fused["error_type"].to_pylist() == [None, None, None, "not_an_image"]
+    assert fused["error_message"][3].as_py() == "not a recognised image format (20 bytes, starting b'\\xff\\xd8 not r')"
+    assert fused["label_ids"].null_count == 1
 
 
 def test_split_scored_routes_rows():

@@ -129,3 +129,26 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_checkpoint):
     torch.save(state, evil / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="refused to load .*possibly code"):
         create_scorer(str(evil), device="cpu")
+
+
+def test_inspecting_a_checkpoint_does_not_import_torch(tiny_checkpoint):
+    """deit_model imports its submodules on first use, so the command line's checks stay cheap."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        import deit_model
+        info = deit_model.inspect_checkpoint(deit_model.resolve_checkpoint({str(tiny_checkpoint)!r}).local_dir)
+        print(info.architecture, "torch" in sys.modules)
+        print(deit_model.Scorer.__module__, "torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["DeiTForImageClassificationWithTeacher", "False", "deit_model.scorer", "True"], \
+        out.stderr
+    import deit_model
+
+    with pytest.raises(AttributeError):
+        deit_model.no_such_name  # noqa: B018
+    assert set(deit_model.__all__) <= set(dir(deit_model))

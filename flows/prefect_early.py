@@ -1,0 +1,41 @@
+"""Start Prefect's temporary API server early, while the command line is still checking.
+
+Without ``PREFECT_API_URL`` a flow run starts a temporary server in a
+subprocess on first use (5 to 6 s on a 2-core machine), after everything
+before it. Started here on a thread instead, it boots on the other core while
+the command line imports the model libraries.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+
+def start_temporary_server() -> Callable[[], None]:
+    """Begin starting the server a flow run would start; returns a function that waits for it.
+
+    Does nothing when an API is configured (production, the test harness) or
+    temporary servers are off. A failed early start is only logged: the flow
+    run then starts the server itself and reports the error as Prefect does.
+    Call the returned function before the flow runs: until the server answers,
+    Prefect would hand the flow a URL nobody listens on yet.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+
+    def work() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()  # the same instance the flow run's client uses
+        except Exception:  # noqa: BLE001 - the flow run retries and reports
+            logger.debug("early start of Prefect's temporary server failed", exc_info=True)
+
+    thread = threading.Thread(target=work, name="prefect-early-start", daemon=True)
+    thread.start()
+    return thread.join
