@@ -14,11 +14,23 @@ def _num(v, fmt="{:.1f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
+def _best(ceiling: list[dict], batch: int, after: bool) -> float | None:
+    """The best forward rate at ``batch``, over thread counts, measured before (or after) the stages."""
+    return max((r["rate"] for r in ceiling if r.get("batch") == batch and bool(r.get("after")) == after),
+               default=None)
+
+
+def _ours(block: dict) -> dict | None:
+    """Ours at the smallest image count (the one compared with baseline and peer)."""
+    return next((r for n in sorted(block["runs"]) for r in block["runs"][n]
+                 if r["stage"] == "ours" and "error" not in r), None)
+
+
 def format_block(cfg, block: dict) -> list[str]:
     """The table and ratios of one (model, dtype)."""
     # the ceiling is the machine's: the best forward rate at the end-to-end batch size, whatever the
     # thread count, not the rate at the actor's own thread count (which would hide idle cores)
-    ceiling = max((r["rate"] for r in block["ceiling"] if r.get("batch") == cfg.batch_size), default=None)
+    ceiling = _best(block["ceiling"], cfg.batch_size, after=False)
     lines = [f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}; "
              f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
              + (f"decode tasks {cfg.decode_cpus:g} CPU" if cfg.decode_cpus else "decoding in the actors")
@@ -43,6 +55,10 @@ def format_block(cfg, block: dict) -> list[str]:
                      f"| {m['peak_rss_mib']:,.0f} | {m['peak_pss_mib']:,.0f} | {_num(ratio, '{:.2f}')} "
                      f"| {m['other_cores']:.2f} |")
     lines.append("")
+    after = _best(block["ceiling"], cfg.batch_size, after=True)
+    if ceiling and after:  # the machine drifts: the same forward pass, measured again after the end-to-end stages
+        lines.append(f"- ceiling after the end-to-end stages / before = {after / ceiling:.2f}; "
+                     f"ours / the mean of both = {_ratio(_ours(block) or {}, (ceiling + after) / 2)}")
     for n, rs in block["runs"].items():
         by = {r["stage"].split(" ")[0]: r for r in rs if "error" not in r}
         ours = by.get("ours")

@@ -238,14 +238,19 @@ def resolve_model(name: str, workdir: Path) -> Path:
     return target
 
 
-def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str) -> list[dict]:
-    """One row per (threads, batch size): forward-only images per second."""
+def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str, after: bool = False) -> list[dict]:
+    """One row per (threads, batch size): forward-only images per second.
+
+    ``after``: the repeat after the end-to-end stages, at their batch size only.
+    """
     threads = [] if cfg.device == "cuda" else cfg.ceiling_threads
     run = run_child("ceiling", {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "threads": threads,
-                                "batch_sizes": cfg.batch_sizes, "seconds": cfg.ceiling_seconds},
-                    cfg.logs / f"ceiling-{ckpt.name}-{dtype}.log", cfg.timeout)
-    return [dict(e, stage=f"ceiling ({e['threads']} thread{'s' * (e['threads'] != 1)})"
-                 if cfg.device == "cpu" else "ceiling", memory=run.memory.as_dict())
+                                "batch_sizes": [cfg.batch_size] if after else cfg.batch_sizes,
+                                "seconds": cfg.ceiling_seconds},
+                    cfg.logs / f"ceiling-{ckpt.name}-{dtype}{'-after' * after}.log", cfg.timeout)
+    suffix = ", after" if after else ""
+    return [dict(e, stage=(f"ceiling ({e['threads']} thread{'s' * (e['threads'] != 1)})"
+                           if cfg.device == "cpu" else "ceiling") + suffix, after=after, memory=run.memory.as_dict())
             for e in run.events if e["event"] == "ceiling"]
 
 
@@ -491,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
             for n in cfg.images:
                 block["runs"][n] = end_to_end(cfg, ckpt, dtype, n)
                 raw.write_text(json.dumps({"meta": meta, "blocks": blocks}, indent=2, default=str))
+            if "ceiling" not in cfg.skip and block["runs"]:  # again, to show how far the machine drifted
+                run_stage(block["ceiling"], "ceiling, after", measure_ceiling, cfg, ckpt, dtype, True)
     text = format_report(cfg, meta, blocks)
     print(text)
     if cfg.out:

@@ -108,7 +108,9 @@ def test_report_table_and_ratios():
                          {"stage": "ceiling (2 threads)", "threads": 2, "batch": 32, "rate": 40.0, "memory": mem,
                           "busy_before": 0.0},
                          {"stage": "ceiling (2 threads)", "threads": 2, "batch": 64, "rate": 45.0, "memory": mem,
-                          "busy_before": 0.0}],
+                          "busy_before": 0.0},
+                         {"stage": "ceiling (2 threads), after", "threads": 2, "batch": 32, "rate": 30.0,
+                          "memory": mem, "busy_before": 0.0, "after": True}],
              "runs": {1000: [
                  {"stage": "ours", "images": 1000, "rate": 36.0, "startup_s": 12.0, "wall_s": 50.0, "memory": mem,
                   "startup_marks": {"ray_connected": 5.0}, "busy_before": 0.0},
@@ -117,6 +119,7 @@ def test_report_table_and_ratios():
                  {"stage": "peer", "error": "boom"}]}}
     text = "\n".join(report.format_block(cfg, block))
     # against the best rate at the end-to-end batch size (2 threads), not the actor's 1 thread or batch 64
+    assert "ceiling after the end-to-end stages / before = 0.75; ours / the mean of both = 1.03" in text
     assert "ours / ceiling = 0.90" in text and "ours / baseline = 3.00" in text and "ours / peer = –" in text
     assert "| ours | 1,000 | 32 | 36.0 | 12.0 | 50.0 | 1,024 | 512 | 1.00 |" in text
     assert "| peer | 1,000 | | failed: boom |" in text
