@@ -130,3 +130,20 @@ def test_run_files_are_matched_exactly_by_run_id(tmp_path):
         (part / name).write_bytes(b"x")
     found = moved_files(RunInfo("nightly", "2026-01-01", "", str(tmp_path)))
     assert [f.rsplit("/", 1)[-1] for f in found] == ["part-nightly-abc123-00000.parquet"]
+
+
+@pytest.mark.parametrize("rows, decode_cpus, first, blocks", [
+    (1000, 0, 32, 1 + 16),  # one batch first, then 64-row blocks
+    (1000, 0.5, 64, 16),  # decode tasks: uniform blocks
+    (20, 0, 20, 1),
+    (300_000, 0, 32, None),  # a large plan: at most MAX_PLAN_BLOCKS (+ the first) blocks
+])
+def test_plan_blocks_cover_the_plan_once(rows, decode_cpus, first, blocks):
+    from tasks.pipeline import MAX_PLAN_BLOCKS, plan_blocks
+
+    plan = pa.table({"uri": [f"u{i}" for i in range(rows)]})
+    settings = ScoreSettings(input="i", output="o", batch_size=32, decode_cpus=decode_cpus)
+    out = plan_blocks(plan, settings)
+    assert pa.concat_tables(out)["uri"].to_pylist() == plan["uri"].to_pylist()
+    assert out[0].num_rows == first
+    assert len(out) == blocks if blocks else len(out) <= MAX_PLAN_BLOCKS + 1
