@@ -138,3 +138,18 @@ def test_no_early_server_when_an_api_is_configured(prefect_harness):
     start_temporary_server()()
     assert threading.active_count() == before
     assert not any(t.name == "prefect-early-start" for t in threading.enumerate())
+
+
+def test_unreadable_preprocessing_exits_2_and_leaves_the_cluster(capsys, tmp_path, tiny_checkpoint, image_dir,
+                                                                 ray_cluster, prefect_harness):
+    """Checked after Ray and Prefect begin to start: still one line, exit 2, nothing written."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "preprocessor_config.json").write_text("{not json")
+    code, _, err = _run(capsys, "run", "--input", str(image_dir), "--output", str(tmp_path / "o"),
+                        "--model", str(ckpt))
+    assert code == EXIT_USAGE and "cannot read preprocessing" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert ray_cluster.is_initialized()  # the session's cluster was not ours to stop
