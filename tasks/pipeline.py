@@ -156,6 +156,7 @@ def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preproc
         ds = ds.map_batches(
             decode_batch, batch_format="numpy", batch_size=None, num_cpus=settings.decode_cpus,
             memory=DECODE_TASK_MEMORY, udf_modifying_row_count=False, fn_kwargs=decode)
+        decode = None  # the actors receive decoded rows
     ds = ds.map_batches(
         ScoringActor, batch_format="numpy", batch_size=settings.batch_size, udf_modifying_row_count=False,
         compute=ActorPoolStrategy(size=settings.num_actors),
@@ -167,7 +168,7 @@ def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preproc
             "model": ref.source, "revision": ref.revision, "device": placement.device,
             "dtype": settings.dtype, "top_k": settings.top_k,
             "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name,
-            "spec": writer.spec, "decode": None if settings.decode_cpus > 0 else decode})
+            "spec": writer.spec, "decode": decode})
     progress = _Progress(plan.num_rows, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)
