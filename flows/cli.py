@@ -20,6 +20,9 @@ from pydantic import ValidationError
 
 from tasks.settings import ScoreSettings, format_validation_error
 
+if typing.TYPE_CHECKING:
+    from deit_model import CheckpointRef
+
 from . import LIBRARY_LOGGERS
 
 logger = logging.getLogger(__name__)
@@ -155,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def check_settings(params: dict) -> tuple[ScoreSettings, str]:
-    """(settings, local checkpoint directory), validated before anything starts; UsageError if bad.
+def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
+    """(settings, resolved checkpoint), validated before anything starts; UsageError if bad.
 
     Only cheap checks (no torch import): the model's files and config, and one
     listing call. The preprocessing is checked by :func:`check_preprocessing`.
@@ -169,12 +172,12 @@ def check_settings(params: dict) -> tuple[ScoreSettings, str]:
     except ValidationError as exc:
         raise UsageError(format_validation_error(exc)) from None
     try:
-        local_dir = resolve_checkpoint(settings.model, settings.revision, settings.storage_options).local_dir
-        inspect_checkpoint(local_dir)
+        ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
+        inspect_checkpoint(ref.local_dir)
         next(iter(list_images(settings.input, settings.storage_options)), None)
     except (ModelLoadError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    return settings, local_dir
+    return settings, ref
 
 
 def check_preprocessing(local_dir: str) -> None:
@@ -193,18 +196,21 @@ def check_preprocessing(local_dir: str) -> None:
 
 def run_flow(params: dict) -> int:
     """Check ``params``, run the flow, print the summary; return the exit code."""
-    settings, local_dir = check_settings(params)
+    settings, ref = check_settings(params)
+    from tasks.actor_pool import discard_early
+    from tasks.pipeline import start_actors_early
     from tasks.ray_cluster import start_early, stop_early
 
     from .prefect_early import start_temporary_server
 
-    # Ray and Prefect's server boot in other processes (5 to 10 s each on 2 cores)
-    # while this one imports the model libraries
-    start_early(settings.resolved_ray_address())
+    # Ray, then the scoring actors, and Prefect's server boot in other processes
+    # (5 to 10 s each on 2 cores) while this one imports the model libraries
+    start_early(settings.resolved_ray_address(), then=lambda: start_actors_early(settings, ref))
     wait_for_prefect = start_temporary_server()
     try:
-        check_preprocessing(local_dir)
+        check_preprocessing(ref.local_dir)
     except UsageError:
+        discard_early()
         stop_early()
         raise
     from tasks.pipeline import ErrorThresholdExceeded
@@ -216,7 +222,8 @@ def run_flow(params: dict) -> int:
     try:
         state = score_images(**settings.model_dump(), return_state=True)
     finally:
-        stop_early()  # only if the run never reached scoring
+        discard_early()  # only if the run never reached scoring
+        stop_early()
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, ErrorThresholdExceeded):

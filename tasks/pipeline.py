@@ -1,8 +1,8 @@
-"""The Ray Data pipeline: plan -> read+decode (CPU tasks) -> score (actors) -> Parquet.
+"""The Ray pipeline: plan -> read+decode (CPU tasks or the actors) -> score (actors) -> Parquet.
 
-Decode runs as stateless tasks and scoring in an actor pool, so CPU work
-overlaps model work; the driver only streams finished batches into the
-writer, keeping no per-image state.
+With decode tasks, CPU work overlaps model work; on CPU-only machines the
+actors decode their own rows. The driver only streams finished batches into
+the writer, keeping no per-image state (tasks/actor_pool.py).
 """
 from __future__ import annotations
 
@@ -16,18 +16,15 @@ import pyarrow.compute as pc
 
 from deit_model import CheckpointRef, Preprocessor, embedding_dim, load_preprocessor
 
-from .decode import decode_batch
+from .actor_pool import plan_batches, pool_spec, start_early, take_pool, window_for
 from .ray_cluster import cluster_resources
 from .schema import OutputSpec
-from .score import ScoringActor
+from .score import BatchContext
 from .settings import ScoreSettings
 from .write import DatasetWriter, WriteResult
 
 logger = logging.getLogger(__name__)
 
-DECODE_BLOCK_ROWS = 64  # rows per plan block: the unit of decode parallelism
-MAX_PLAN_BLOCKS = 2048  # above this many blocks, blocks grow instead (see plan_blocks)
-DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
 PROGRESS_EVERY_S = 10.0
 
 
@@ -96,6 +93,20 @@ def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
                                     "for the autoscaler)") from None
 
 
+def start_actors_early(settings: ScoreSettings, ref: CheckpointRef) -> None:
+    """Start the run's scoring actors now if the cluster holds them (the CLI calls it once Ray is up).
+
+    :func:`_stream` takes them over when the run gets there with the same
+    model and placement. A cluster that must first scale up is left to
+    :func:`await_placement`.
+    """
+    try:
+        placement = plan_placement(settings, *cluster_resources())
+    except ResourceError:
+        return
+    start_early(pool_spec(settings, ref.source, ref.revision, placement))
+
+
 def release_resources() -> None:
     """Withdraw this run's standing autoscaler request, so the cluster may scale down again."""
     from ray.autoscaler.sdk import request_resources
@@ -120,63 +131,35 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pr
             release_resources()
 
 
-def plan_blocks(plan: pa.Table, settings: ScoreSettings) -> list[pa.Table]:
-    """The plan cut into Ray Data's input blocks.
-
-    Blocks of DECODE_BLOCK_ROWS, or more rows when the plan is so large that
-    the blocks would outnumber MAX_PLAN_BLOCKS: ``from_arrow`` puts each block
-    and runs a metadata task for it (3.6 ms a block on 2 cores, a minute for a
-    million images in 64-row blocks). An actor that decodes its own rows
-    (decode_cpus=0) gets a first block of one batch, so the first result, and
-    a model that fails, show after one batch instead of a whole block.
-    """
-    rows = max(DECODE_BLOCK_ROWS, -(-plan.num_rows // MAX_PLAN_BLOCKS))
-    first = min(settings.batch_size, rows) if settings.decode_cpus == 0 else rows
-    return [plan.slice(0, first)] + [plan.slice(i, rows) for i in range(first, plan.num_rows, rows)]
-
-
 def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
             writer: DatasetWriter, run_id: str, placement: Placement, planned: int | None, failed_before: int,
             on_progress) -> None:
-    """Build the Ray Data pipeline and stream its results into ``writer``."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # we log our own progress, readable in Prefect too
-    ds = ray.data.from_arrow(plan_blocks(plan, settings))
+    """Stream the plan's batches through the scoring actors into ``writer``."""
     decode = {"preprocessor": preprocessor, "max_pixels": settings.max_pixels,
               "fast_decode": settings.fast_decode, "storage_options": settings.storage_options}
-    if settings.decode_cpus > 0:
-        # The memory reservation keeps Ray from packing too many decode tasks onto a
-        # node (a block of 12 MP photos holds hundreds of MB while decoding). It also
-        # makes the stages' remote args differ, which keeps Ray Data from fusing
-        # decode into the scoring actor: fused, an actor would decode and score in
-        # turn instead of overlapping them (wanted only with decode_cpus=0, below).
-        ds = ds.map_batches(
-            decode_batch, batch_format="numpy", batch_size=None, num_cpus=settings.decode_cpus,
-            memory=DECODE_TASK_MEMORY, udf_modifying_row_count=False, fn_kwargs=decode)
-        decode = None  # the actors receive decoded rows
-    ds = ds.map_batches(
-        ScoringActor, batch_format="numpy", batch_size=settings.batch_size, udf_modifying_row_count=False,
-        compute=ActorPoolStrategy(size=settings.num_actors),
-        num_gpus=placement.num_gpus, num_cpus=placement.num_cpus,
-        fn_constructor_kwargs={
-            # actors load the already-resolved local copy when they share this machine's
-            # disk; on a remote cluster they resolve the original reference themselves
-            # the resolved revision (hub commit), so every actor loads the weights the driver recorded
-            "model": ref.source, "revision": ref.revision, "device": placement.device,
-            "dtype": settings.dtype, "top_k": settings.top_k,
-            "storage_options": settings.storage_options, "run_id": run_id, "model_name": ref.name,
-            "spec": writer.spec, "decode": decode})
+    in_actor = settings.decode_cpus == 0
+    # actors load the already-resolved local copy when they share this machine's
+    # disk; on a remote cluster they resolve the original reference themselves, at
+    # the resolved revision (hub commit), so every actor loads the weights the driver recorded
+    pool = take_pool(pool_spec(settings, ref.source, ref.revision, placement))
+    context = BatchContext(run_id, ref.name, writer.spec, decode if in_actor else None)
+    cpus, _ = cluster_resources()
+    window = window_for(settings.decode_cpus, cpus - settings.num_actors * placement.num_cpus, settings.num_actors)
+    logger.info("scoring %d images in batches of %d on %d actors (%s), %s, up to %d batches in flight per actor",
+                plan.num_rows, settings.batch_size, settings.num_actors, placement.device,
+                "decoding in the actors" if in_actor else f"decode tasks of {settings.decode_cpus:g} CPU", window)
     progress = _Progress(plan.num_rows, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.write(batch)
-        progress.update(writer.result)
-        if limit is not None and failed_before + writer.result.failed > limit:
-            check_failures(settings, planned, failed_before + writer.result.failed, writer.result.errors_by_type)
+    try:
+        for table in pool.imap(plan_batches(plan, settings.batch_size), context, window,
+                               decode=None if in_actor else decode, decode_cpus=settings.decode_cpus):
+            writer.write(table)
+            progress.update(writer.result)
+            if limit is not None and failed_before + writer.result.failed > limit:
+                check_failures(settings, planned, failed_before + writer.result.failed, writer.result.errors_by_type)
+    finally:
+        pool.close()
 
 
 @dataclass(frozen=True)

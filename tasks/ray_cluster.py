@@ -2,8 +2,9 @@
 
 Starting a local cluster takes 5 to 10 s on a small machine, about as long
 as Prefect's temporary server. :func:`start_early` lets the command line
-start Ray while Prefect is still starting; :func:`ray_session` then picks up
-the cluster it started instead of starting another.
+start Ray (and then the scoring actors) while Prefect is still starting;
+:func:`ray_session` then picks up the cluster it started instead of
+starting another.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +37,19 @@ def _init(address: str | None) -> None:
     logger.info("ray: connected to %s with %s", address or "a local cluster", ray.cluster_resources())
 
 
-def start_early(address: str | None) -> None:
+def start_early(address: str | None, then: Callable[[], None] | None = None) -> None:
     """Begin connecting to (or starting) Ray on a background thread; returns at once.
 
-    The thread also imports Ray Data (seconds more). A failure surfaces in
-    :func:`ray_session`, where the run would have started Ray anyway.
+    Once connected the thread calls ``then`` (the command line starts the
+    scoring actors there); its failure is only logged, as the run will start
+    what it needs itself. A failure to connect surfaces in :func:`ray_session`,
+    where the run would have started Ray anyway.
     """
     import ray
 
     global _early
     if ray.is_initialized():  # already connected (an embedding program, a test): nothing to start
+        _then(then)
         return
     with _lock:
         if _early is not None:
@@ -57,16 +61,25 @@ def start_early(address: str | None) -> None:
     def work() -> None:
         try:
             _init(address)
-            import ray.data  # noqa: F401
         except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the session
             fut.set_exception(exc)
             return
+        _then(then)
         fut.set_result(None)
         # Ray's GCS and raylet die with the *thread* that started them
         # (PR_SET_PDEATHSIG), so this thread lives until the cluster is shut down
         _release.wait()
 
     threading.Thread(target=work, name="ray-early-start", daemon=True).start()
+
+
+def _then(then: Callable[[], None] | None) -> None:
+    if then is None:
+        return
+    try:
+        then()
+    except Exception:  # noqa: BLE001 - an optimisation only; the run starts what it needs itself
+        logger.warning("%s failed once Ray was up; the run will do without it", then, exc_info=True)
 
 
 def _take_early() -> Future | None:

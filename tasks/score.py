@@ -1,7 +1,8 @@
-"""The scoring actor: a thin Ray Data callable class over ``deit_model.Scorer``."""
+"""The scoring actor: a thin Ray actor class over ``deit_model.Scorer``."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -15,8 +16,9 @@ from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
 logger = logging.getLogger(__name__)
 
 
-class ScoringActor:
-    """Loads the model once per actor; each call scores one batch of decoded rows.
+@dataclass(frozen=True)
+class BatchContext:
+    """What a batch's rows need besides the model: the run's lineage and output, and the decoding.
 
     With ``decode`` (the keyword arguments of :func:`decode_batch`) the actor
     decodes its plan rows itself: on CPU-only machines decode and model share
@@ -24,41 +26,56 @@ class ScoringActor:
     the object store.
     """
 
+    run_id: str
+    model_name: str
+    spec: OutputSpec
+    decode: dict | None = None
+
+
+class ScoringActor:
+    """Loads the model once per actor; each call scores one batch of plan or decoded rows.
+
+    The constructor takes only the model, so actors can start before the run
+    they will serve is known; the run comes with every call (a restarted
+    actor then needs nothing re-sent).
+    """
+
     def __init__(self, *, model: str, revision: str | None, device: str, dtype: str, top_k: int,
-                 storage_options: dict, run_id: str, model_name: str, spec: OutputSpec,
-                 decode: dict | None = None):
+                 storage_options: dict):
         self.scorer = create_scorer(model, revision=revision, device=device, dtype=dtype,
                                     top_k=top_k, storage_options=storage_options)
-        self.run_id, self.model_name, self.spec, self.decode = run_id, model_name, spec, decode
-        self.schema = scored_schema(spec)
+        self._schemas: dict[OutputSpec, pa.Schema] = {}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.decode is not None:
-            batch = decode_batch(batch, **self.decode)
+    def score_batch(self, batch: dict[str, np.ndarray], context: BatchContext) -> pa.Table:
+        """Score one batch into a table of :func:`~tasks.schema.scored_schema` rows."""
+        if context.decode is not None:
+            batch = decode_batch(batch, **context.decode)
+        spec = context.spec
+        schema = self._schemas.setdefault(spec, scored_schema(spec))
         n = len(batch["uri"])
         ok = np.asarray(batch["decoded"], dtype=bool)
-        cols = self._prediction_columns(batch["pixel_values"], ok)
+        cols = self._prediction_columns(batch["pixel_values"], ok, spec)
         now = datetime.now(timezone.utc)
         data = {
             "uri": batch["uri"], **cols,
-            "model": [self.model_name] * n, "model_revision": [self.scorer.ref.revision] * n,
-            "run_id": [self.run_id] * n, "scored_at": [now] * n,
+            "model": [context.model_name] * n, "model_revision": [self.scorer.ref.revision] * n,
+            "run_id": [context.run_id] * n, "scored_at": [now] * n,
             "source_size": batch["source_size"], "source_etag": batch["source_etag"],
             "source_mtime": batch["source_mtime"],
             **{c: batch[c] for c in ERROR_COLUMNS},
         }
-        return pa.Table.from_pydict({k: _arrow(v, self.schema.field(k).type) for k, v in data.items()},
-                                    schema=self.schema)
+        return pa.Table.from_pydict({k: _arrow(v, schema.field(k).type) for k, v in data.items()},
+                                    schema=schema)
 
-    def _prediction_columns(self, pixels: np.ndarray, ok: np.ndarray) -> dict[str, pa.Array]:
+    def _prediction_columns(self, pixels: np.ndarray, ok: np.ndarray, spec: OutputSpec) -> dict[str, pa.Array]:
         """Score the decodable rows; error rows get nulls in every prediction column."""
-        n, k, dim = len(ok), self.scorer.top_k, self.spec.embedding_dim
+        n, k, dim = len(ok), self.scorer.top_k, spec.embedding_dim
         ids, scores = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
         emb, feats = np.zeros((n, dim), np.float32), None
         labels: list = [None] * n
         if ok.any():
             rows = np.flatnonzero(ok)
-            result = self.scorer.score(pixels[ok], token_features=self.spec.token_features)
+            result = self.scorer.score(pixels[ok], token_features=spec.token_features)
             ids[rows], scores[rows], emb[rows] = result.label_ids, result.scores, result.embedding
             for row, names in zip(rows, self.scorer.labels(result.label_ids)):
                 labels[row] = names
@@ -66,14 +83,14 @@ class ScoringActor:
                 feats = np.zeros((n, *result.features.shape[1:]), np.float32)
                 feats[rows] = result.features
         null = pa.array(~ok)
-        value_np = np.float16 if self.spec.float16 else np.float32
+        value_np = np.float16 if spec.float16 else np.float32
         cols = {
             "label_ids": _lists(ids, null), "labels": pa.array(labels, pa.list_(pa.string())),
             "scores": _lists(scores, null),
             "activation": pa.array([self.scorer.activation if o else None for o in ok], pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(value_np).ravel()), dim, mask=null),
         }
-        if self.spec.token_features:
+        if spec.token_features:
             cols["token_features"] = _token_lists(feats, n, dim, value_np, null)
         return cols
 

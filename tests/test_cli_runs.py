@@ -36,30 +36,6 @@ def test_run_that_fails_exits_1(ray_cluster, prefect_harness, tiny_checkpoint, i
     assert code == EXIT_FAILED and "run failed" in err
 
 
-def test_decode_and_scoring_are_separate_stages(ray_cluster, tiny_checkpoint, image_dir, tmp_path, caplog):
-    """Decode must not be fused into the scoring actor, or CPU work stops overlapping the model."""
-    import logging
-
-    from deit_model import load_preprocessor, resolve_checkpoint
-    from tasks.enumerate import list_images, plan_table
-    from tasks.pipeline import run_pipeline
-    from tasks.schema import OutputSpec
-    from tasks.settings import ScoreSettings
-    from tasks.write import DatasetWriter
-
-    settings = ScoreSettings(input=str(image_dir / "photos"), output=str(tmp_path), model=str(tiny_checkpoint),
-                             cpus_per_actor=0.5, decode_cpus=0.5)
-    plan = plan_table(list(list_images(settings.input)))
-    ref = resolve_checkpoint(settings.model)
-    writer = DatasetWriter(str(tmp_path / "staging"), model_name=ref.name, run_id="r", run_date="2026-11-22",
-                           spec=OutputSpec(64), rows_per_file=100)
-    with caplog.at_level(logging.INFO, logger="ray.data"):
-        run_pipeline(settings, plan, ref, load_preprocessor(ref.local_dir), writer, "r")
-    assert writer.close().scored == plan.num_rows
-    plans = [r.getMessage() for r in caplog.records if "Execution plan" in r.getMessage()]
-    assert plans and "TaskPoolMapOperator[MapBatches(decode_batch)] -> ActorPoolMapOperator" in plans[-1]
-
-
 def test_demo_command_offline(session_tmp, tmp_path):
     """The README's first command, offline: falls back to a random checkpoint and says so."""
     env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", PREFECT_HOME=str(tmp_path / "ph"))

@@ -27,7 +27,7 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
     """Ray hands an all-None error_type column back as NaN: rows must still be scored."""
     import numpy as np
 
-    from tasks.score import ScoringActor
+    from tasks.score import BatchContext, ScoringActor
 
     class _Scorer:  # the model is not what this checks
         top_k, activation, ref = 1, "softmax", type("R", (), {"revision": None})
@@ -42,15 +42,13 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
             return [["x"] for _ in ids]
 
     actor = object.__new__(ScoringActor)
-    actor.scorer, actor.run_id, actor.model_name, actor.spec = _Scorer(), "r", "m", OutputSpec(2)
-    actor.decode = None
-    actor.schema = scored_schema(OutputSpec(2))
+    actor.scorer, actor._schemas = _Scorer(), {}
     batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),
              "pixel_values": np.zeros((2, 3, 4, 4), np.float32),
              "error_type": np.array([np.nan, np.nan]), "error_message": np.array([np.nan, np.nan]),
              "source_size": np.array([1.0, np.nan]), "source_etag": np.array([None, None], object),
              "source_mtime": np.array(["2026-01-01", "NaT"], dtype="datetime64[us]")}
-    preds, errs = split_scored(actor(batch), OutputSpec(2))
+    preds, errs = split_scored(actor.score_batch(batch, BatchContext("r", "m", OutputSpec(2))), OutputSpec(2))
     assert preds.num_rows == 2 and errs.num_rows == 0 and preds["label_ids"].null_count == 0
     assert preds["source_size"].to_pylist() == [1, None] and preds["source_mtime"].null_count == 1
 
@@ -61,7 +59,7 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
 
     from deit_model import load_preprocessor
     from tasks.decode import decode_batch
-    from tasks.score import ScoringActor
+    from tasks.score import BatchContext, ScoringActor
 
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     uris = [f"file://{p}" for p in sorted(photos.glob("*"))[:3]] + [f"file://{tmp_path / 'broken.jpg'}"]
@@ -69,10 +67,11 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
             "source_mtime": np.array(["2026-01-01"] * 4, dtype="datetime64[us]")}
     decode = {"preprocessor": load_preprocessor(str(tiny_checkpoint)), "max_pixels": 10**8, "fast_decode": False,
               "storage_options": {}}
-    kw = {"model": str(tiny_checkpoint), "revision": None, "device": "cpu", "dtype": "fp32", "top_k": 3,
-          "storage_options": {}, "run_id": "r", "model_name": "m", "spec": OutputSpec(64)}
-    fused = ScoringActor(**kw, decode=decode)(dict(plan)).drop(["scored_at"])
-    apart = ScoringActor(**kw)(decode_batch(dict(plan), **decode)).drop(["scored_at"])
+    actor = ScoringActor(model=str(tiny_checkpoint), revision=None, device="cpu", dtype="fp32", top_k=3,
+                         storage_options={})
+    fused = actor.score_batch(dict(plan), BatchContext("r", "m", OutputSpec(64), decode)).drop(["scored_at"])
+    apart = actor.score_batch(decode_batch(dict(plan), **decode), BatchContext("r", "m", OutputSpec(64)))
+    apart = apart.drop(["scored_at"])
     assert fused.equals(apart)
     assert fused["error_type"].to_pylist() == [None, None, None, "not_an_image"]
     assert fused["error_message"][3].as_py() == "not a recognised image format (20 bytes, starting b'\\xff\\xd8 not r')"
@@ -130,20 +129,3 @@ def test_run_files_are_matched_exactly_by_run_id(tmp_path):
         (part / name).write_bytes(b"x")
     found = moved_files(RunInfo("nightly", "2026-01-01", "", str(tmp_path)))
     assert [f.rsplit("/", 1)[-1] for f in found] == ["part-nightly-abc123-00000.parquet"]
-
-
-@pytest.mark.parametrize("rows, decode_cpus, first, blocks", [
-    (1000, 0, 32, 1 + 16),  # one batch first, then 64-row blocks
-    (1000, 0.5, 64, 16),  # decode tasks: uniform blocks
-    (20, 0, 20, 1),
-    (300_000, 0, 32, None),  # a large plan: at most MAX_PLAN_BLOCKS (+ the first) blocks
-])
-def test_plan_blocks_cover_the_plan_once(rows, decode_cpus, first, blocks):
-    from tasks.pipeline import MAX_PLAN_BLOCKS, plan_blocks
-
-    plan = pa.table({"uri": [f"u{i}" for i in range(rows)]})
-    settings = ScoreSettings(input="i", output="o", batch_size=32, decode_cpus=decode_cpus)
-    out = plan_blocks(plan, settings)
-    assert pa.concat_tables(out)["uri"].to_pylist() == plan["uri"].to_pylist()
-    assert out[0].num_rows == first
-    assert len(out) == blocks if blocks else len(out) <= MAX_PLAN_BLOCKS + 1

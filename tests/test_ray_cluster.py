@@ -7,9 +7,7 @@ cannot start beside the session's.
 """
 from __future__ import annotations
 
-import sys
 import threading
-import types
 
 import pytest
 
@@ -25,7 +23,6 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray_cluster, "_init", lambda address: calls.append(("init", address)))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown",)))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setitem(sys.modules, "ray.data", types.ModuleType("ray.data"))  # its import is part of the start
     yield calls
     ray_cluster.stop_early()
 
@@ -61,11 +58,21 @@ def test_nothing_starts_when_ray_is_already_connected(fake_ray, monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    ray_cluster.start_early(None)
+    ray_cluster.start_early(None, then=lambda: fake_ray.append(("then",)))
     ray_cluster.stop_early()  # must not shut down a cluster that someone else connected to
     with ray_cluster.ray_session(None):
         pass
-    assert fake_ray == []
+    assert fake_ray == [("then",)]  # what was to follow the start still happens, once
+
+
+def test_what_follows_the_start_runs_after_it_and_may_fail(fake_ray):
+    def then():
+        fake_ray.append(("then",))
+        raise RuntimeError("no actors today")
+
+    ray_cluster.start_early(None, then=then)
+    with ray_cluster.ray_session(None):  # its failure is not the session's
+        assert fake_ray == [("init", None), ("then",)]
 
 
 def test_a_failed_early_start_shuts_nothing_down(fake_ray, monkeypatch):

@@ -1,0 +1,185 @@
+"""The scoring actors and the stream of batches through them.
+
+A pool is ``num_actors`` Ray actors, each holding a :class:`ScoringActor`. It
+needs only the model and the placement, not the run, so the command line
+starts it as soon as Ray is up (:func:`start_early`): the actors import torch
+and load the weights while Prefect starts and the plan is written, instead
+of after (on 2 cores that was 10 s of the start-up). The run then takes the
+pool if it matches (:func:`take_pool`) or starts its own.
+
+Batches go to the least busy actor, at most ``window`` calls per actor in
+flight, so memory in flight is bounded and no per-image state accumulates
+in the driver. With decode tasks (``decode_cpus`` > 0) each batch is first a
+stateless Ray task that reads, decodes and preprocesses it; the actor call
+takes that task's result, so decoding runs on other CPUs while actors score.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .decode import decode_batch
+from .score import BatchContext, ScoringActor
+
+logger = logging.getLogger(__name__)
+
+DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
+ACTOR_RESTARTS = 3  # an actor killed (out of memory, a lost node) is restarted and its calls retried
+MAX_WINDOW = 64  # calls in flight per actor, at most
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What makes two pools interchangeable: the model the actors load and where they run."""
+
+    model: str  # the reference the actors resolve (a local copy when they share this disk)
+    revision: str | None
+    device: str
+    dtype: str
+    top_k: int
+    storage_options: str  # JSON, so the spec compares and hashes
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+
+    def actor_kwargs(self) -> dict:
+        return {"model": self.model, "revision": self.revision, "device": self.device, "dtype": self.dtype,
+                "top_k": self.top_k, "storage_options": json.loads(self.storage_options)}
+
+
+def pool_spec(settings, model: str, revision: str | None, placement) -> PoolSpec:
+    """The pool a run with ``settings`` and this placement needs."""
+    return PoolSpec(model, revision, placement.device, settings.dtype, settings.top_k,
+                    json.dumps(settings.storage_options, sort_keys=True, default=str),
+                    settings.num_actors, placement.num_cpus, placement.num_gpus)
+
+
+class ScorerPool:
+    """``spec.num_actors`` scoring actors; :meth:`imap` streams batches through them."""
+
+    def __init__(self, spec: PoolSpec):
+        import ray
+
+        self.spec = spec
+        cls = ray.remote(ScoringActor).options(
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+        self.actors = [cls.remote(**spec.actor_kwargs()) for _ in range(spec.num_actors)]
+        logger.info("pool: started %d scoring actors (%s, %g CPU, %g GPU each)", spec.num_actors,
+                    spec.device, spec.num_cpus, spec.num_gpus)
+
+    def imap(self, batches: Iterable[dict], context: BatchContext, window: int = 2,
+             decode: dict | None = None, decode_cpus: float = 0.0) -> Iterator[pa.Table]:
+        """Score ``batches`` (plan rows); yield one table per batch as each finishes (any order).
+
+        With ``decode`` (decode_batch's options) and ``decode_cpus`` > 0, each
+        batch is decoded by a Ray task first; otherwise ``context.decode``
+        tells the actors to decode their rows themselves.
+        """
+        import ray
+
+        context_ref = ray.put(context)
+        decode_task = _decode_task(decode_cpus) if decode is not None else None
+        decode_ref = ray.put(decode) if decode is not None else None
+        in_flight: dict = {}  # result ref -> actor index
+        load = [0] * len(self.actors)
+        for batch in batches:
+            while len(in_flight) >= window * len(self.actors):
+                yield self._next(in_flight, load)
+            i = min(range(len(load)), key=load.__getitem__)
+            arg = decode_task.remote(batch, decode_ref) if decode_task else batch
+            in_flight[self.actors[i].score_batch.remote(arg, context_ref)] = i
+            load[i] += 1
+        while in_flight:
+            yield self._next(in_flight, load)
+
+    @staticmethod
+    def _next(in_flight: dict, load: list[int]) -> pa.Table:
+        import ray
+
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        load[in_flight.pop(ref)] -= 1
+        return ray.get(ref)  # an actor's error is raised here, as the run's
+
+    def close(self) -> None:
+        """Stop the actors (on a shared cluster they would otherwise hold their CPUs and GPUs)."""
+        import ray
+
+        if ray.is_initialized():  # after Ray's shutdown they are gone already
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors = []
+
+
+def _decode_task(num_cpus: float):
+    import ray
+
+    # The memory reservation keeps Ray from packing too many decode tasks onto a
+    # node: a batch of 12 MP photos holds hundreds of MB while decoding.
+    return ray.remote(_decode).options(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)
+
+
+def _decode(batch: dict, options: dict) -> dict:
+    return decode_batch(batch, **options)
+
+
+def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The plan's rows as numpy batches of ``batch_size`` (the last one shorter).
+
+    Columns become numpy arrays, so a batch is pickled alone: an Arrow slice
+    could carry its whole parent's buffers into every call.
+    """
+    for start in range(0, plan.num_rows, batch_size):
+        chunk = plan.slice(start, batch_size)
+        yield {name: chunk.column(name).to_numpy() for name in chunk.column_names}
+
+
+def window_for(decode_cpus: float, spare_cpus: float, num_actors: int) -> int:
+    """Calls in flight per actor: one scoring, one queued, plus one per decode task it can use."""
+    if decode_cpus <= 0:
+        return 2
+    tasks = int(spare_cpus // decode_cpus)
+    return max(2, min(MAX_WINDOW, -(-tasks // max(num_actors, 1)) + 1))
+
+
+_early: ScorerPool | None = None
+_lock = threading.Lock()
+
+
+def start_early(spec: PoolSpec) -> None:
+    """Start a pool for ``spec`` now, for :func:`take_pool` to hand to the run."""
+    global _early
+    pool = ScorerPool(spec)
+    with _lock:
+        previous, _early = _early, pool
+    if previous is not None:
+        previous.close()
+
+
+def take_pool(spec: PoolSpec) -> ScorerPool:
+    """The pool started early if it matches ``spec`` (it is then the caller's), else a new one."""
+    global _early
+    with _lock:
+        pool, _early = _early, None
+    if pool is not None and pool.spec == spec:
+        logger.info("pool: using the %d actors started with Ray", len(pool.actors))
+        return pool
+    if pool is not None:
+        logger.info("pool: the actors started early do not match this run (%s); starting others", pool.spec)
+        pool.close()
+    return ScorerPool(spec)
+
+
+def discard_early() -> None:
+    """Stop a pool that :func:`start_early` began and no run took."""
+    global _early
+    with _lock:
+        pool, _early = _early, None
+    if pool is not None:
+        pool.close()

@@ -1,0 +1,99 @@
+"""The scoring actor pool: batches, both decoding layouts, and the hand-over of an early pool."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tasks.actor_pool import MAX_WINDOW, plan_batches, window_for
+from tasks.schema import PLAN_SCHEMA, OutputSpec
+from tasks.settings import ScoreSettings
+
+
+def test_plan_batches_cover_the_plan_once_as_numpy():
+    plan = pa.table({"uri": [f"u{i}" for i in range(70)], "source_size": [None] + list(range(69)),
+                     "source_etag": ["e"] * 70, "source_mtime": [None] * 70}, schema=PLAN_SCHEMA)
+    batches = list(plan_batches(plan, 32))
+    assert [len(b["uri"]) for b in batches] == [32, 32, 6]
+    assert [u for b in batches for u in b["uri"]] == plan["uri"].to_pylist()
+    first = batches[0]
+    assert all(isinstance(v, np.ndarray) for v in first.values())
+    assert np.isnan(first["source_size"][0]) and first["source_size"][1] == 0  # nulls as NaN, as Ray Data gave
+    assert list(plan_batches(plan.slice(0, 0), 32)) == []
+
+
+@pytest.mark.parametrize("decode_cpus, spare, actors, window", [
+    (0, 0, 2, 2),  # in-actor decoding: one call scoring, one queued
+    (1, 15, 1, 16),  # a GPU actor and 15 decode CPUs: a call per decode task it can feed, + 1
+    (0.5, 1, 2, 2),
+    (1, 1000, 1, MAX_WINDOW),
+])
+def test_window_keeps_every_decode_task_busy_within_a_bound(decode_cpus, spare, actors, window):
+    assert window_for(decode_cpus, spare, actors) == window
+
+
+def _setup(tiny_checkpoint, photos, tmp_path, **kw):
+    from deit_model import load_preprocessor
+    from tasks.enumerate import list_images, plan_table
+    from tasks.pipeline import Placement
+    from tasks.actor_pool import pool_spec
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    for p in photos.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    settings = ScoreSettings(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tiny_checkpoint),
+                             batch_size=4, top_k=3, **kw)
+    plan = plan_table(list(list_images(settings.input)))
+    decode = {"preprocessor": load_preprocessor(str(tiny_checkpoint)), "max_pixels": settings.max_pixels,
+              "fast_decode": False, "storage_options": {}}
+    spec = pool_spec(settings, str(tiny_checkpoint), None, Placement("cpu", 0.0, 0.5))
+    return settings, plan, decode, spec
+
+
+def test_both_layouts_score_the_same_rows(ray_cluster, tiny_checkpoint, photos, tmp_path):
+    """Decode tasks then actors, or actors that decode: the same rows, each image once."""
+    from tasks.actor_pool import ScorerPool
+    from tasks.score import BatchContext
+
+    settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    pool = ScorerPool(spec)
+    try:
+        # the context carries no decode options: the actor would fail on plan rows,
+        # so every row it scores was decoded by a separate Ray task
+        apart = pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64)), window=2,
+                          decode=decode, decode_cpus=0.5)
+        apart = pa.concat_tables(list(apart))
+        fused = pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode), window=2)
+        fused = pa.concat_tables(list(fused))
+    finally:
+        pool.close()
+    assert sorted(apart["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # each once, any order
+    by_uri = [("uri", "ascending")]
+    assert apart.sort_by(by_uri).drop(["scored_at"]).equals(fused.sort_by(by_uri).drop(["scored_at"]))
+    assert apart["error_type"].to_pylist().count("not_an_image") == 1
+
+
+def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_checkpoint, photos, tmp_path):
+    import ray
+
+    from tasks import actor_pool
+
+    _, _, _, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    actor_pool.start_early(spec)
+    early = actor_pool._early
+    assert actor_pool.take_pool(spec) is early  # handed over, actors and all
+    assert actor_pool._early is None  # and no longer the module's to stop
+    early.close()
+
+    actor_pool.start_early(spec)
+    stale = actor_pool._early
+    stale_actor = stale.actors[0]
+    other = actor_pool.take_pool(spec.__class__(**{**spec.__dict__, "top_k": 5}))
+    try:
+        assert other is not stale and other.spec.top_k == 5
+        assert stale.actors == []  # the mismatched pool was stopped, not leaked
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(stale_actor.score_batch.remote({}, None), timeout=60)
+    finally:
+        other.close()
+    actor_pool.discard_early()  # nothing left: a no-op
