@@ -11,7 +11,9 @@ CPU decode workers.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Sequence
 
 import numpy as np
@@ -87,6 +89,32 @@ class TimmPreprocessor(Preprocessor):
     def min_decode_side(self) -> int:
         # timm resizes the shortest edge to input_size / crop_pct before cropping
         return int(math.floor(max(self.config["input_size"][1:]) / self.config.get("crop_pct", 1.0)))
+
+
+def check_preprocessing(local_dir: str) -> None:
+    """Fail (ModelLoadError) if the checkpoint's preprocessing config is missing or not JSON.
+
+    Reads the file only, without importing torch or transformers, so a command
+    can refuse a broken checkpoint before it starts anything. What the file
+    says is applied (and checked) by :func:`load_preprocessor` where images
+    are decoded.
+    """
+    if inspect_checkpoint(local_dir).backend == "timm":
+        return  # timm's data config is part of config.json, which inspect_checkpoint read
+    path = os.path.join(local_dir, "preprocessor_config.json")
+    try:
+        with open(path) as fh:
+            if not isinstance(json.load(fh), dict):
+                raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read preprocessing from {local_dir!r}: {exc}") from exc
+
+
+def create_preprocessor(model: str, revision: str | None = None, storage_options: dict | None = None) -> Preprocessor:
+    """Resolve ``model`` (as :func:`~deit_model.create_scorer` does) and load its preprocessing."""
+    from .loading import resolve_checkpoint
+
+    return load_preprocessor(resolve_checkpoint(model, revision, storage_options).local_dir)
 
 
 def load_preprocessor(local_dir: str) -> Preprocessor:

@@ -161,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     """(settings, resolved checkpoint), validated before anything starts; UsageError if bad.
 
-    Only cheap checks (no torch import): the model's files and config, and one
-    listing call. The preprocessing is checked by :func:`check_preprocessing`.
+    Only cheap checks (no torch import): the model's files, its config and
+    preprocessing config, and one listing call. The driver never imports the
+    model libraries; the actors do, while Prefect starts.
     """
-    from deit_model import ModelLoadError, inspect_checkpoint, resolve_checkpoint
+    from deit_model import ModelLoadError, check_preprocessing, inspect_checkpoint, resolve_checkpoint
     from tasks.enumerate import list_images
 
     try:
@@ -174,24 +175,11 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     try:
         ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         inspect_checkpoint(ref.local_dir)
+        check_preprocessing(ref.local_dir)
         next(iter(list_images(settings.input, settings.storage_options)), None)
     except (ModelLoadError, OSError) as exc:
         raise UsageError(str(exc)) from None
     return settings, ref
-
-
-def check_preprocessing(local_dir: str) -> None:
-    """Read the checkpoint's preprocessing (UsageError if it cannot be read).
-
-    It imports torch and the image-processing libraries here, seconds of CPU
-    that overlap Ray's and Prefect's start instead of delaying the score task.
-    """
-    from deit_model import ModelLoadError, load_preprocessor
-
-    try:
-        load_preprocessor(local_dir)
-    except (ModelLoadError, OSError) as exc:
-        raise UsageError(str(exc)) from None
 
 
 def run_flow(params: dict) -> int:
@@ -203,16 +191,10 @@ def run_flow(params: dict) -> int:
 
     from .prefect_early import start_temporary_server
 
-    # Ray, then the scoring actors, and Prefect's server boot in other processes
-    # (5 to 10 s each on 2 cores) while this one imports the model libraries
+    # Ray, then the scoring actors (which import torch and load the weights), and
+    # Prefect's server boot in other processes while this one starts the flow
     start_early(settings.resolved_ray_address(), then=lambda: start_actors_early(settings, ref))
     wait_for_prefect = start_temporary_server()
-    try:
-        check_preprocessing(ref.local_dir)
-    except UsageError:
-        discard_early()
-        stop_early()
-        raise
     from tasks.pipeline import ErrorThresholdExceeded
     from tasks.report import format_summary
 

@@ -15,10 +15,11 @@ takes that task's result, so decoding runs on other CPUs while actors score.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -74,19 +75,28 @@ class ScorerPool:
         logger.info("pool: started %d scoring actors (%s, %g CPU, %g GPU each)", spec.num_actors,
                     spec.device, spec.num_cpus, spec.num_gpus)
 
+    def preprocessing(self) -> dict:
+        """The preprocessing the actors apply (for lineage); waits for the first actor to be up."""
+        import ray
+
+        return ray.get(self.actors[0].preprocessing.remote())
+
     def imap(self, batches: Iterable[dict], context: BatchContext, window: int = 2,
-             decode: dict | None = None, decode_cpus: float = 0.0) -> Iterator[pa.Table]:
+             decode_cpus: float = 0.0) -> Iterator[pa.Table]:
         """Score ``batches`` (plan rows); yield one table per batch as each finishes (any order).
 
-        With ``decode`` (decode_batch's options) and ``decode_cpus`` > 0, each
-        batch is decoded by a Ray task first; otherwise ``context.decode``
-        tells the actors to decode their rows themselves.
+        ``context.decode`` holds the decode options. With ``decode_cpus`` > 0
+        each batch is decoded by a Ray task of that many CPUs first, and the
+        actors receive decoded rows; otherwise the actors decode.
         """
         import ray
 
+        decode_task = None
+        if decode_cpus > 0:
+            options = {**context.decode, "model": self.spec.model, "revision": self.spec.revision}
+            decode_task, decode_ref = _decode_task(decode_cpus), ray.put(options)
+            context = replace(context, decode=None)
         context_ref = ray.put(context)
-        decode_task = _decode_task(decode_cpus) if decode is not None else None
-        decode_ref = ray.put(decode) if decode is not None else None
         in_flight: dict = {}  # result ref -> actor index
         load = [0] * len(self.actors)
         for batch in batches:
@@ -126,7 +136,19 @@ def _decode_task(num_cpus: float):
 
 
 def _decode(batch: dict, options: dict) -> dict:
-    return decode_batch(batch, **options)
+    options = dict(options)
+    model, revision = options.pop("model"), options.pop("revision")
+    preprocessor = _preprocessor(model, revision, json.dumps(options["storage_options"], sort_keys=True))
+    return decode_batch(batch, preprocessor=preprocessor, **options)
+
+
+@functools.lru_cache(maxsize=1)
+def _preprocessor(model: str, revision: str | None, storage_options: str):
+    # per decode worker process: read from the checkpoint once, as the actors do,
+    # instead of the driver importing the model libraries to ship it
+    from deit_model import create_preprocessor
+
+    return create_preprocessor(model, revision, json.loads(storage_options))
 
 
 def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -1,7 +1,8 @@
 """The CPU stage: read image bytes, decode, preprocess; failures become error rows.
 
-Runs as a Ray Data ``map_batches`` task, so it overlaps with the scoring
-actors. One unreadable or undecodable object marks only its own row.
+Runs as a Ray task per batch, overlapping the scoring actors, or inside the
+actors themselves (tasks/actor_pool.py). One unreadable or undecodable
+object marks only its own row.
 """
 from __future__ import annotations
 

@@ -10,13 +10,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from deit_model import CheckpointRef, Preprocessor, embedding_dim, load_preprocessor
+from deit_model import CheckpointRef, embedding_dim, load_preprocessor
 
-from .actor_pool import plan_batches, pool_spec, start_early, take_pool, window_for
+from .actor_pool import ScorerPool, plan_batches, pool_spec, start_early, take_pool, window_for
 from .ray_cluster import cluster_resources
 from .schema import OutputSpec
 from .score import BatchContext
@@ -114,52 +115,59 @@ def release_resources() -> None:
     request_resources(bundles=[])
 
 
-def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
-                 writer: DatasetWriter, run_id: str, planned: int | None = None, failed_before: int = 0,
-                 on_progress=None) -> None:
-    """Score every row of ``plan`` and stream the results into ``writer``.
+def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef,
+                 open_writer: Callable[[dict], DatasetWriter], run_id: str, planned: int | None = None,
+                 failed_before: int = 0, on_progress=None) -> dict:
+    """Score every row of ``plan`` into the writer ``open_writer(preprocessing)`` returns.
 
-    Stops early (ErrorThresholdExceeded) once more images failed than the run
-    allows of its ``planned`` total, counting ``failed_before`` from earlier attempts.
-    ``on_progress`` receives a :class:`ProgressEvent` each time progress is logged.
+    The writer is opened once the actors report the preprocessing they apply
+    (the output's lineage), and closed, or aborted on failure, here. Returns
+    that preprocessing. Stops early (ErrorThresholdExceeded) once more images
+    failed than the run allows of its ``planned`` total, counting
+    ``failed_before`` from earlier attempts. ``on_progress`` receives a
+    :class:`ProgressEvent` each time progress is logged.
     """
     placement, requested = await_placement(settings)
-    try:
-        _stream(settings, plan, ref, preprocessor, writer, run_id, placement, planned, failed_before, on_progress)
-    finally:
-        if requested:
-            release_resources()
-
-
-def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, preprocessor: Preprocessor,
-            writer: DatasetWriter, run_id: str, placement: Placement, planned: int | None, failed_before: int,
-            on_progress) -> None:
-    """Stream the plan's batches through the scoring actors into ``writer``."""
-    decode = {"preprocessor": preprocessor, "max_pixels": settings.max_pixels,
-              "fast_decode": settings.fast_decode, "storage_options": settings.storage_options}
-    in_actor = settings.decode_cpus == 0
     # actors load the already-resolved local copy when they share this machine's
     # disk; on a remote cluster they resolve the original reference themselves, at
     # the resolved revision (hub commit), so every actor loads the weights the driver recorded
     pool = take_pool(pool_spec(settings, ref.source, ref.revision, placement))
-    context = BatchContext(run_id, ref.name, writer.spec, decode if in_actor else None)
+    try:
+        preprocessing = pool.preprocessing()
+        writer = open_writer(preprocessing)
+        try:
+            _stream(settings, plan, ref, pool, writer, run_id, placement, planned, failed_before, on_progress)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    finally:
+        pool.close()
+        if requested:
+            release_resources()
+    return preprocessing
+
+
+def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pool: ScorerPool, writer: DatasetWriter,
+            run_id: str, placement: Placement, planned: int | None, failed_before: int, on_progress) -> None:
+    """Stream the plan's batches through the pool's actors into ``writer``."""
+    decode = {"max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode,
+              "storage_options": settings.storage_options}
+    context = BatchContext(run_id, ref.name, writer.spec, decode)
     cpus, _ = cluster_resources()
     window = window_for(settings.decode_cpus, cpus - settings.num_actors * placement.num_cpus, settings.num_actors)
     logger.info("scoring %d images in batches of %d on %d actors (%s), %s, up to %d batches in flight per actor",
                 plan.num_rows, settings.batch_size, settings.num_actors, placement.device,
-                "decoding in the actors" if in_actor else f"decode tasks of {settings.decode_cpus:g} CPU", window)
+                f"decode tasks of {settings.decode_cpus:g} CPU" if settings.decode_cpus else "decoding in the actors",
+                window)
     progress = _Progress(plan.num_rows, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)
-    try:
-        for table in pool.imap(plan_batches(plan, settings.batch_size), context, window,
-                               decode=None if in_actor else decode, decode_cpus=settings.decode_cpus):
-            writer.write(table)
-            progress.update(writer.result)
-            if limit is not None and failed_before + writer.result.failed > limit:
-                check_failures(settings, planned, failed_before + writer.result.failed, writer.result.errors_by_type)
-    finally:
-        pool.close()
+    for table in pool.imap(plan_batches(plan, settings.batch_size), context, window, settings.decode_cpus):
+        writer.write(table)
+        progress.update(writer.result)
+        if limit is not None and failed_before + writer.result.failed > limit:
+            check_failures(settings, planned, failed_before + writer.result.failed, writer.result.errors_by_type)
 
 
 @dataclass(frozen=True)
@@ -235,11 +243,6 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
     from .enumerate import read_plan
     from .ray_cluster import ray_session
 
-    preprocessor = load_preprocessor(ref.local_dir)
-    preprocessing = preprocessor.to_dict()
-    metadata = {"model": ref.name, "model_revision": ref.revision or "",
-                "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str),
-                "fast_decode": str(settings.fast_decode).lower()}
     spec = OutputSpec(embedding_dim(ref.local_dir), float16=settings.embedding_dtype == "float16",
                       token_features=settings.token_features)
     plan = read_plan(run.plan_uri, settings.storage_options)
@@ -248,20 +251,22 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
     if done.num_rows:
         logger.info("resuming run %s: %d images already written, %d to go", run.run_id, done.num_rows,
                     remaining.num_rows)
+
+    def open_writer(preprocessing: dict) -> DatasetWriter:
+        metadata = {"model": ref.name, "model_revision": ref.revision or "",
+                    "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str),
+                    "fast_decode": str(settings.fast_decode).lower()}
+        return DatasetWriter(run.staging_dir, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
+                             spec=spec, rows_per_file=settings.rows_per_file,
+                             checkpoint_seconds=settings.checkpoint_seconds,
+                             storage_options=settings.storage_options, metadata=metadata)
+
     if remaining.num_rows:
-        writer = DatasetWriter(run.staging_dir, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
-                               spec=spec, rows_per_file=settings.rows_per_file,
-                               checkpoint_seconds=settings.checkpoint_seconds,
-                               storage_options=settings.storage_options, metadata=metadata)
-        try:
-            with ray_session(settings.resolved_ray_address()):
-                run_pipeline(settings, remaining, ref, preprocessor, writer, run.run_id,
-                             planned=plan.num_rows, failed_before=count_done(done)[1],
-                             on_progress=on_progress)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+        with ray_session(settings.resolved_ray_address()):
+            preprocessing = run_pipeline(settings, remaining, ref, open_writer, run.run_id, planned=plan.num_rows,
+                                         failed_before=count_done(done)[1], on_progress=on_progress)
+    else:  # nothing to score: read it here (the driver imports the model libraries only then)
+        preprocessing = load_preprocessor(ref.local_dir).to_dict()
     scored, failed, by_type = count_done(done_rows(run, settings.storage_options))
     files = staged_files(run, settings.storage_options) + moved_files(run, settings.storage_options)
     return WriteResult(scored, failed, files, by_type, preprocessing)

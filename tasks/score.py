@@ -8,8 +8,6 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from deit_model import create_scorer
-
 from .decode import decode_batch
 from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
 
@@ -20,10 +18,11 @@ logger = logging.getLogger(__name__)
 class BatchContext:
     """What a batch's rows need besides the model: the run's lineage and output, and the decoding.
 
-    With ``decode`` (the keyword arguments of :func:`decode_batch`) the actor
-    decodes its plan rows itself: on CPU-only machines decode and model share
-    the same cores anyway, and one process fewer starts and no pixels cross
-    the object store.
+    With ``decode`` (:func:`decode_batch`'s options other than the
+    preprocessor, which the actor reads from its checkpoint) the actor decodes
+    its plan rows itself: on CPU-only machines decode and model share the same
+    cores anyway, and one process fewer starts and no pixels cross the object
+    store.
     """
 
     run_id: str
@@ -42,14 +41,24 @@ class ScoringActor:
 
     def __init__(self, *, model: str, revision: str | None, device: str, dtype: str, top_k: int,
                  storage_options: dict):
+        # imported here: the driver names this class without loading torch
+        from deit_model import create_scorer, load_preprocessor
+
         self.scorer = create_scorer(model, revision=revision, device=device, dtype=dtype,
                                     top_k=top_k, storage_options=storage_options)
+        # the checkpoint's own preprocessing: applied here when the actor decodes,
+        # and reported for the output's lineage either way
+        self.preprocessor = load_preprocessor(self.scorer.ref.local_dir)
         self._schemas: dict[OutputSpec, pa.Schema] = {}
+
+    def preprocessing(self) -> dict:
+        """The preprocessing configuration, for the output's lineage."""
+        return self.preprocessor.to_dict()
 
     def score_batch(self, batch: dict[str, np.ndarray], context: BatchContext) -> pa.Table:
         """Score one batch into a table of :func:`~tasks.schema.scored_schema` rows."""
         if context.decode is not None:
-            batch = decode_batch(batch, **context.decode)
+            batch = decode_batch(batch, preprocessor=self.preprocessor, **context.decode)
         spec = context.spec
         schema = self._schemas.setdefault(spec, scored_schema(spec))
         n = len(batch["uri"])

@@ -33,7 +33,6 @@ def test_window_keeps_every_decode_task_busy_within_a_bound(decode_cpus, spare, 
 
 
 def _setup(tiny_checkpoint, photos, tmp_path, **kw):
-    from deit_model import load_preprocessor
     from tasks.enumerate import list_images, plan_table
     from tasks.pipeline import Placement
     from tasks.actor_pool import pool_spec
@@ -44,8 +43,7 @@ def _setup(tiny_checkpoint, photos, tmp_path, **kw):
     settings = ScoreSettings(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tiny_checkpoint),
                              batch_size=4, top_k=3, **kw)
     plan = plan_table(list(list_images(settings.input)))
-    decode = {"preprocessor": load_preprocessor(str(tiny_checkpoint)), "max_pixels": settings.max_pixels,
-              "fast_decode": False, "storage_options": {}}
+    decode = {"max_pixels": settings.max_pixels, "fast_decode": False, "storage_options": {}}
     spec = pool_spec(settings, str(tiny_checkpoint), None, Placement("cpu", 0.0, 0.5))
     return settings, plan, decode, spec
 
@@ -57,14 +55,11 @@ def test_both_layouts_score_the_same_rows(ray_cluster, tiny_checkpoint, photos, 
 
     settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
     pool = ScorerPool(spec)
+    context = BatchContext("r", "m", OutputSpec(64), decode)
     try:
-        # the context carries no decode options: the actor would fail on plan rows,
-        # so every row it scores was decoded by a separate Ray task
-        apart = pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64)), window=2,
-                          decode=decode, decode_cpus=0.5)
-        apart = pa.concat_tables(list(apart))
-        fused = pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode), window=2)
-        fused = pa.concat_tables(list(fused))
+        assert pool.preprocessing()["library"] == "transformers"  # the actors' own, for lineage
+        apart = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), context, window=2, decode_cpus=0.5)))
+        fused = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), context, window=2)))
     finally:
         pool.close()
     assert sorted(apart["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # each once, any order

@@ -142,7 +142,7 @@ def test_no_early_server_when_an_api_is_configured(prefect_harness):
 
 def test_unreadable_preprocessing_exits_2_and_leaves_the_cluster(capsys, tmp_path, tiny_checkpoint, image_dir,
                                                                  ray_cluster, prefect_harness):
-    """Checked after Ray and Prefect begin to start: still one line, exit 2, nothing written."""
+    """Checked before anything starts (without importing torch): one line, exit 2, nothing written."""
     import shutil
 
     ckpt = tmp_path / "ckpt"

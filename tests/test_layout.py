@@ -65,12 +65,12 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
     uris = [f"file://{p}" for p in sorted(photos.glob("*"))[:3]] + [f"file://{tmp_path / 'broken.jpg'}"]
     plan = {"uri": np.array(uris, object), "source_size": np.arange(4.0), "source_etag": np.array([None] * 4, object),
             "source_mtime": np.array(["2026-01-01"] * 4, dtype="datetime64[us]")}
-    decode = {"preprocessor": load_preprocessor(str(tiny_checkpoint)), "max_pixels": 10**8, "fast_decode": False,
-              "storage_options": {}}
+    decode = {"max_pixels": 10**8, "fast_decode": False, "storage_options": {}}
     actor = ScoringActor(model=str(tiny_checkpoint), revision=None, device="cpu", dtype="fp32", top_k=3,
                          storage_options={})
     fused = actor.score_batch(dict(plan), BatchContext("r", "m", OutputSpec(64), decode)).drop(["scored_at"])
-    apart = actor.score_batch(decode_batch(dict(plan), **decode), BatchContext("r", "m", OutputSpec(64)))
+    decoded = decode_batch(dict(plan), preprocessor=load_preprocessor(str(tiny_checkpoint)), **decode)
+    apart = actor.score_batch(decoded, BatchContext("r", "m", OutputSpec(64)))
     apart = apart.drop(["scored_at"])
     assert fused.equals(apart)
     assert fused["error_type"].to_pylist() == [None, None, None, "not_an_image"]
