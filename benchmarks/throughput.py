@@ -50,7 +50,7 @@ OURS_PATTERNS = {  # log lines of score-images run (tasks/pipeline.py, tasks/ray
     "flow_started": r"Beginning flow run",
     "planned": r"planned (\d+) images",
     "ray_connected": r"ray: connected",
-    "actors_started": r"pool: started",
+    "actors_started": r"pool: starting",
     "scoring_started": r"scoring \d+ images in batches",
     # transformers' load bar, forwarded by Ray on a line of its own (the actor's name is on the line before)
     "weights_loaded": r"Loading weights: 100%",

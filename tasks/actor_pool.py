@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
@@ -64,16 +65,23 @@ def pool_spec(settings, model: str, revision: str | None, placement) -> PoolSpec
 class ScorerPool:
     """``spec.num_actors`` scoring actors; :meth:`imap` streams batches through them."""
 
-    def __init__(self, spec: PoolSpec):
+    def __init__(self, spec: PoolSpec, stagger: bool = False):
+        """Start the actors; with ``stagger``, the others only once the first is up (it waits)."""
         import ray
 
         self.spec = spec
         cls = ray.remote(ScoringActor).options(
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
             max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
-        self.actors = [cls.remote(**spec.actor_kwargs()) for _ in range(spec.num_actors)]
-        logger.info("pool: started %d scoring actors (%s, %g CPU, %g GPU each)", spec.num_actors,
-                    spec.device, spec.num_cpus, spec.num_gpus)
+        logger.info("pool: starting %d scoring actors (%s, %g CPU, %g GPU each)%s", spec.num_actors,
+                    spec.device, spec.num_cpus, spec.num_gpus, ", the others once the first is up" if stagger else "")
+        self.actors = [cls.remote(**spec.actor_kwargs())]
+        if stagger and spec.num_actors > 1:
+            # On a few cores shared with Prefect and the driver, actors that import torch
+            # side by side are all ready late; alone, the first is ready seconds sooner and
+            # scores while the others start, for the same CPU in all.
+            self.preprocessing()
+        self.actors += [cls.remote(**spec.actor_kwargs()) for _ in range(spec.num_actors - 1)]
 
     def preprocessing(self) -> dict:
         """The preprocessing the actors apply (for lineage); waits for the first actor to be up."""
@@ -170,25 +178,60 @@ def window_for(decode_cpus: float, spare_cpus: float, num_actors: int) -> int:
     return max(2, min(MAX_WINDOW, -(-tasks // max(num_actors, 1)) + 1))
 
 
-_early: ScorerPool | None = None
+class _Early:
+    """A pool being started by :func:`start_early`: its future, and whether nobody wants it any more."""
+
+    def __init__(self, spec: PoolSpec):
+        self.spec, self.future, self.discarded = spec, Future(), False
+
+
+_early: _Early | None = None
 _lock = threading.Lock()
 
 
-def start_early(spec: PoolSpec) -> None:
-    """Start a pool for ``spec`` now, for :func:`take_pool` to hand to the run."""
+def start_early(spec: PoolSpec, stagger: bool = False) -> None:
+    """Start a pool for ``spec`` now, for :func:`take_pool` to hand to the run.
+
+    Blocks while a staggered pool's first actor starts (call it on a thread).
+    A pool discarded meanwhile is stopped once it is up.
+    """
     global _early
-    pool = ScorerPool(spec)
+    early = _Early(spec)
     with _lock:
-        previous, _early = _early, pool
+        previous, _early = _early, early
     if previous is not None:
-        previous.close()
+        _discard(previous)
+    try:
+        pool = ScorerPool(spec, stagger=stagger)
+    except BaseException as exc:
+        with _lock:
+            early.future.set_exception(exc)
+            discarded = early.discarded
+        if discarded:  # e.g. Ray was shut down under it: nobody is waiting
+            return
+        raise
+    with _lock:  # with _discard's check, so exactly one of them stops a discarded pool
+        early.future.set_result(pool)
+        discarded = early.discarded
+    if discarded:
+        pool.close()
 
 
 def take_pool(spec: PoolSpec) -> ScorerPool:
-    """The pool started early if it matches ``spec`` (it is then the caller's), else a new one."""
+    """The pool started early if it matches ``spec`` (it is then the caller's), else a new one.
+
+    Waits for an early pool that is still starting its first actor; the run
+    needs an actor up before it can score anyway.
+    """
     global _early
     with _lock:
-        pool, _early = _early, None
+        early, _early = _early, None
+    pool = None
+    if early is not None:
+        try:
+            pool = early.future.result()
+        except Exception as exc:  # noqa: BLE001 - a new pool reports the same error as the run's
+            logger.warning("pool: the actors started early failed (%s); starting others", exc)
     if pool is not None and pool.spec == spec:
         logger.info("pool: using the %d actors started with Ray", len(pool.actors))
         return pool
@@ -199,9 +242,17 @@ def take_pool(spec: PoolSpec) -> ScorerPool:
 
 
 def discard_early() -> None:
-    """Stop a pool that :func:`start_early` began and no run took."""
+    """Stop a pool that :func:`start_early` began and no run took (at once, or once it is up)."""
     global _early
     with _lock:
-        pool, _early = _early, None
-    if pool is not None:
-        pool.close()
+        early, _early = _early, None
+    if early is not None:
+        _discard(early)
+
+
+def _discard(early: _Early) -> None:
+    with _lock:
+        early.discarded = True
+        done = early.future.done()
+    if done and early.future.exception() is None:
+        early.future.result().close()

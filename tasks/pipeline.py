@@ -97,15 +97,17 @@ def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
 def start_actors_early(settings: ScoreSettings, ref: CheckpointRef) -> None:
     """Start the run's scoring actors now if the cluster holds them (the CLI calls it once Ray is up).
 
-    :func:`_stream` takes them over when the run gets there with the same
-    model and placement. A cluster that must first scale up is left to
-    :func:`await_placement`.
+    :func:`run_pipeline` takes them over when the run gets there with the
+    same model and placement. A cluster that must first scale up is left to
+    :func:`await_placement`. Blocks until the first actor is up (CPU actors
+    start one after another), so call it on a thread.
     """
     try:
         placement = plan_placement(settings, *cluster_resources())
     except ResourceError:
         return
-    start_early(pool_spec(settings, ref.source, ref.revision, placement))
+    # CPU actors share their cores with the command and Prefect while they start: one first
+    start_early(pool_spec(settings, ref.source, ref.revision, placement), stagger=placement.device == "cpu")
 
 
 def release_resources() -> None:

@@ -49,7 +49,8 @@ def start_early(address: str | None, then: Callable[[], None] | None = None) -> 
 
     global _early
     if ray.is_initialized():  # already connected (an embedding program, a test): nothing to start
-        _then(then)
+        if then is not None:
+            threading.Thread(target=_then, args=(then,), name="ray-early-then", daemon=True).start()
         return
     with _lock:
         if _early is not None:

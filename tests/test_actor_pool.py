@@ -75,13 +75,13 @@ def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_check
 
     _, _, _, spec = _setup(tiny_checkpoint, photos, tmp_path)
     actor_pool.start_early(spec)
-    early = actor_pool._early
+    early = actor_pool._early.future.result()
     assert actor_pool.take_pool(spec) is early  # handed over, actors and all
     assert actor_pool._early is None  # and no longer the module's to stop
     early.close()
 
     actor_pool.start_early(spec)
-    stale = actor_pool._early
+    stale = actor_pool._early.future.result()
     stale_actor = stale.actors[0]
     other = actor_pool.take_pool(spec.__class__(**{**spec.__dict__, "top_k": 5}))
     try:
@@ -92,3 +92,25 @@ def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_check
     finally:
         other.close()
     actor_pool.discard_early()  # nothing left: a no-op
+
+
+def test_a_staggered_pool_discarded_while_starting_is_stopped_once_up(ray_cluster, tiny_checkpoint, photos,
+                                                                      tmp_path):
+    """The CLI starts CPU actors one after another on a thread; a run that ends first must not leak them."""
+    import threading
+
+    from tasks import actor_pool
+
+    _, _, _, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    spec = spec.__class__(**{**spec.__dict__, "num_actors": 2})
+    starter = threading.Thread(target=actor_pool.start_early, args=(spec,), kwargs={"stagger": True})
+    starter.start()
+    while actor_pool._early is None:
+        pass
+    early = actor_pool._early
+    actor_pool.discard_early()  # while the first actor is still importing torch
+    assert not early.future.done()
+    starter.join(timeout=120)
+    pool = early.future.result()
+    assert pool.actors == []  # the starter stopped it once it was up
+    assert actor_pool._early is None
