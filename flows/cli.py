@@ -165,7 +165,7 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     preprocessing config, and one listing call. The driver never imports the
     model libraries; the actors do, while Prefect starts.
     """
-    from deit_model import ModelLoadError, check_preprocessing, inspect_checkpoint, resolve_checkpoint
+    from deit_model import ModelLoadError, check_preprocessing, resolve_checkpoint
     from tasks.enumerate import list_images
 
     try:
@@ -174,8 +174,7 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
         raise UsageError(format_validation_error(exc)) from None
     try:
         ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
-        inspect_checkpoint(ref.local_dir)
-        check_preprocessing(ref.local_dir)
+        check_preprocessing(ref.local_dir)  # inspects the config (architecture) first
         next(iter(list_images(settings.input, settings.storage_options)), None)
     except (ModelLoadError, OSError) as exc:
         raise UsageError(str(exc)) from None

@@ -101,7 +101,8 @@ class ScorerPool:
 
         decode_task = None
         if decode_cpus > 0:
-            options = {**context.decode, "model": self.spec.model, "revision": self.spec.revision}
+            checkpoint = (self.spec.model, self.spec.revision, self.spec.storage_options)
+            options = {**context.decode, "checkpoint": checkpoint}
             decode_task, decode_ref = _decode_task(decode_cpus), ray.put(options)
             context = replace(context, decode=None)
         context_ref = ray.put(context)
@@ -145,13 +146,12 @@ def _decode_task(num_cpus: float):
 
 def _decode(batch: dict, options: dict) -> dict:
     options = dict(options)
-    model, revision = options.pop("model"), options.pop("revision")
-    preprocessor = _preprocessor(model, revision, json.dumps(options["storage_options"], sort_keys=True))
+    preprocessor = _preprocessor(*options.pop("checkpoint"))
     return decode_batch(batch, preprocessor=preprocessor, **options)
 
 
 @functools.lru_cache(maxsize=1)
-def _preprocessor(model: str, revision: str | None, storage_options: str):
+def _preprocessor(model: str, revision: str | None, storage_options: str):  # the options as JSON: hashable
     # per decode worker process: read from the checkpoint once, as the actors do,
     # instead of the driver importing the model libraries to ship it
     from deit_model import create_preprocessor

@@ -65,6 +65,8 @@ def start_early(address: str | None, then: Callable[[], None] | None = None) -> 
         except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the session
             fut.set_exception(exc)
             return
+        # before the session is handed over, so the run finds what `then` started; a
+        # staggered pool's first actor is waited for here, as the run would wait for it anyway
         _then(then)
         fut.set_result(None)
         # Ray's GCS and raylet die with the *thread* that started them

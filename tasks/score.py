@@ -60,7 +60,9 @@ class ScoringActor:
         if context.decode is not None:
             batch = decode_batch(batch, preprocessor=self.preprocessor, **context.decode)
         spec = context.spec
-        schema = self._schemas.setdefault(spec, scored_schema(spec))
+        schema = self._schemas.get(spec)
+        if schema is None:  # one per run's output spec, built once
+            schema = self._schemas[spec] = scored_schema(spec)
         n = len(batch["uri"])
         ok = np.asarray(batch["decoded"], dtype=bool)
         cols = self._prediction_columns(batch["pixel_values"], ok, spec)

@@ -98,6 +98,7 @@ def test_a_staggered_pool_discarded_while_starting_is_stopped_once_up(ray_cluste
                                                                       tmp_path):
     """The CLI starts CPU actors one after another on a thread; a run that ends first must not leak them."""
     import threading
+    import time
 
     from tasks import actor_pool
 
@@ -106,7 +107,7 @@ def test_a_staggered_pool_discarded_while_starting_is_stopped_once_up(ray_cluste
     starter = threading.Thread(target=actor_pool.start_early, args=(spec,), kwargs={"stagger": True})
     starter.start()
     while actor_pool._early is None:
-        pass
+        time.sleep(0.01)
     early = actor_pool._early
     actor_pool.discard_early()  # while the first actor is still importing torch
     assert not early.future.done()
