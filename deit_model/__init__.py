@@ -13,7 +13,7 @@ _EXPORTS = {
     "CheckpointRef": "loading", "ModelLoadError": "loading", "resolve_checkpoint": "loading",
     "CheckpointInfo": "model", "embedding_dim": "model", "inspect_checkpoint": "model",
     "Preprocessor": "preprocess", "load_preprocessor": "preprocess", "check_preprocessing": "preprocess",
-    "create_preprocessor": "preprocess",
+    "create_preprocessor": "preprocess", "to_model_input": "preprocess",
     "create_random_checkpoint": "random_checkpoint", "create_random_timm_checkpoint": "random_checkpoint",
     "known_checkpoints": "random_checkpoint",
     "ScoreResult": "scorer", "Scorer": "scorer", "create_scorer": "scorer",

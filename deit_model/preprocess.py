@@ -12,6 +12,7 @@ CPU decode workers.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Sequence
@@ -21,12 +22,36 @@ import numpy as np
 from .loading import ModelLoadError
 from .model import inspect_checkpoint
 
+logger = logging.getLogger(__name__)
+
 
 class Preprocessor:
-    """RGB PIL images -> float32 array (N, 3, H, W)."""
+    """RGB PIL images -> float32 array (N, 3, H, W).
+
+    The steps also run in two halves, for GPU actors: :meth:`to_uint8` (resize,
+    crop: pixels stay 8-bit) where images are decoded, :meth:`normalize`
+    (rescale, normalise) on the model's device. The uint8 half is a quarter of
+    the float32 bytes through Ray's object store and the host-to-device copy.
+    The halves are used only where :meth:`splits_exactly` says that together
+    they give ``__call__``'s output bit for bit.
+    """
 
     def __call__(self, images: Sequence) -> np.ndarray:
         raise NotImplementedError
+
+    def to_uint8(self, images: Sequence) -> np.ndarray:
+        """The geometric steps only: uint8 (N, 3, H, W), for :meth:`normalize` to finish."""
+        raise NotImplementedError
+
+    def normalize(self, x):
+        """The value steps on a uint8 tensor from :meth:`to_uint8`, on its device: float32 pixels."""
+        raise NotImplementedError
+
+    def splits_exactly(self) -> bool:
+        """Whether ``normalize(to_uint8(images))`` equals ``__call__(images)`` exactly (checked once)."""
+        if getattr(self, "_splits", None) is None:
+            self._splits = _check_split(self)
+        return self._splits
 
     def to_dict(self) -> dict:
         """The preprocessing configuration, for the output's lineage."""
@@ -54,6 +79,15 @@ class HFPreprocessor(Preprocessor):
             return np.zeros((0, *self.input_shape()), dtype=np.float32)
         out = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         return out.numpy().astype(np.float32, copy=False)
+
+    def to_uint8(self, images: Sequence) -> np.ndarray:
+        # the processor's own resize and crop, with its value steps switched off
+        return self.processor(images=list(images), do_rescale=False, do_normalize=False,
+                              return_tensors="pt")["pixel_values"].numpy()
+
+    def normalize(self, x):
+        p = self.processor  # the torchvision backend's fused rescale-and-normalise, as __call__ runs it
+        return p.rescale_and_normalize(x, p.do_rescale, p.rescale_factor, p.do_normalize, p.image_mean, p.image_std)
 
     def to_dict(self) -> dict:
         return {"library": "transformers", "class": type(self.processor).__name__, **self.processor.to_dict()}
@@ -83,12 +117,64 @@ class TimmPreprocessor(Preprocessor):
             return np.zeros((0, *self.config["input_size"]), dtype=np.float32)
         return torch.stack([self.transform(img) for img in images]).numpy().astype(np.float32, copy=False)
 
+    def to_uint8(self, images: Sequence) -> np.ndarray:
+        head, _ = self._halves()
+        return np.stack([np.asarray(head(img)).transpose(2, 0, 1) for img in images])
+
+    def normalize(self, x):
+        import torch
+
+        _, tail = self._halves()
+        # what ToTensor does to 8-bit pixels, then the steps after it (Normalize)
+        return tail(x.to(torch.float32).div(255))
+
+    def _halves(self):
+        """The transform's steps before and after its ToTensor."""
+        from torchvision import transforms
+
+        steps = list(self.transform.transforms)
+        cut = next(i for i, t in enumerate(steps) if isinstance(t, transforms.ToTensor))
+        return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut + 1:])
+
     def to_dict(self) -> dict:
         return {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}}
 
     def min_decode_side(self) -> int:
         # timm resizes the shortest edge to input_size / crop_pct before cropping
         return int(math.floor(max(self.config["input_size"][1:]) / self.config.get("crop_pct", 1.0)))
+
+
+def _check_split(pre: Preprocessor) -> bool:
+    """Run both ways on probe images (odd sizes, up- and downscaled); any difference means no split."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    probes = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((61, 47), (333, 517))]
+    try:
+        half = pre.to_uint8(probes)
+        whole = pre(probes)
+        split = pre.normalize(torch.from_numpy(half)).numpy()
+    except Exception:  # noqa: BLE001 - a processor without the halves is used whole
+        logger.debug("preprocessing does not split", exc_info=True)
+        return False
+    return half.dtype == np.uint8 and split.shape == whole.shape and bool(np.array_equal(split, whole))
+
+
+def to_model_input(pixels: np.ndarray, preprocessor: Preprocessor, device):
+    """Decoded pixels as a float32 tensor on ``device``: uint8 ones are normalised there.
+
+    uint8 pixels travel to a GPU from page-locked memory (an asynchronous
+    copy, so the normalisation is queued behind it without waiting).
+    """
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(pixels))
+    if x.dtype != torch.uint8:
+        return x
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return preprocessor.normalize(x.to(device, non_blocking=True))
 
 
 def check_preprocessing(local_dir: str) -> None:

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
 ACTOR_RESTARTS = 3  # an actor killed (out of memory, a lost node) is restarted and its calls retried
 MAX_WINDOW = 64  # calls in flight per actor, at most
+# A GPU actor runs two calls at once: while one batch is on the GPU the other's pixels are
+# copied and its rows built, which would otherwise leave the GPU idle between batches.
+# CPU actors run one: a second thread would only share the same core.
+GPU_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class PoolSpec:
     num_actors: int
     num_cpus: float
     num_gpus: float
+    concurrency: int = 1  # calls an actor runs at once (threads)
 
     def actor_kwargs(self) -> dict:
         return {"model": self.model, "revision": self.revision, "device": self.device, "dtype": self.dtype,
@@ -59,7 +64,8 @@ def pool_spec(settings, model: str, revision: str | None, placement) -> PoolSpec
     """The pool a run with ``settings`` and this placement needs."""
     return PoolSpec(model, revision, placement.device, settings.dtype, settings.top_k,
                     json.dumps(settings.storage_options, sort_keys=True, default=str),
-                    settings.num_actors, placement.num_cpus, placement.num_gpus)
+                    settings.num_actors, placement.num_cpus, placement.num_gpus,
+                    concurrency=GPU_CONCURRENCY if placement.device == "cuda" else 1)
 
 
 class ScorerPool:
@@ -71,7 +77,7 @@ class ScorerPool:
 
         self.spec = spec
         cls = ray.remote(ScoringActor).options(
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_concurrency=spec.concurrency,
             max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
         logger.info("pool: starting %d scoring actors (%s, %g CPU, %g GPU each)%s", spec.num_actors,
                     spec.device, spec.num_cpus, spec.num_gpus, ", the others once the first is up" if stagger else "")
@@ -102,7 +108,8 @@ class ScorerPool:
         decode_task = None
         if decode_cpus > 0:
             checkpoint = (self.spec.model, self.spec.revision, self.spec.storage_options)
-            options = {**context.decode, "checkpoint": checkpoint}
+            # 8-bit pixels: a quarter of the bytes to the actors, normalised on their device
+            options = {**context.decode, "checkpoint": checkpoint, "uint8": True}
             decode_task, decode_ref = _decode_task(decode_cpus), ray.put(options)
             context = replace(context, decode=None)
         context_ref = ray.put(context)
@@ -170,12 +177,13 @@ def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarr
         yield {name: chunk.column(name).to_numpy() for name in chunk.column_names}
 
 
-def window_for(decode_cpus: float, spare_cpus: float, num_actors: int) -> int:
-    """Calls in flight per actor: one scoring, one queued, plus one per decode task it can use."""
+def window_for(decode_cpus: float, spare_cpus: float, num_actors: int, concurrency: int = 1) -> int:
+    """Calls in flight per actor: those it runs at once, one queued, plus one per decode task it can use."""
+    least = concurrency + 1
     if decode_cpus <= 0:
-        return 2
+        return least
     tasks = int(spare_cpus // decode_cpus)
-    return max(2, min(MAX_WINDOW, -(-tasks // max(num_actors, 1)) + 1))
+    return max(least, min(MAX_WINDOW, -(-tasks // max(num_actors, 1)) + 1))
 
 
 class _Early:

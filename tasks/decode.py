@@ -21,12 +21,14 @@ logger = logging.getLogger(__name__)
 
 def decode_batch(
     batch: dict[str, np.ndarray], *, preprocessor: Preprocessor, max_pixels: int, fast_decode: bool,
-    storage_options: dict[str, Any],
+    storage_options: dict[str, Any], uint8: bool = False,
 ) -> dict[str, np.ndarray]:
     """Add ``decoded``, ``pixel_values``, ``error_type`` and ``error_message`` to a plan batch.
 
     ``decoded`` is the one flag the scorer trusts: an all-None ``error_type``
-    column comes back from Arrow as NaN, not None.
+    column comes back from Arrow as NaN, not None. With ``uint8``, pixels
+    stop before the value steps (:meth:`Preprocessor.to_uint8`) where that is
+    exact, and the scorer finishes them on its device.
     """
     draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
@@ -42,8 +44,9 @@ def decode_batch(
             images[i] = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
         except DecodeError as exc:
             errors[i] = (exc.error_type, str(exc))
-    pixels = np.zeros((n, *_input_shape(preprocessor)), dtype=np.float32)
-    _preprocess_into(pixels, images, preprocessor, errors)
+    half = uint8 and preprocessor.splits_exactly()
+    pixels = np.zeros((n, *_input_shape(preprocessor)), dtype=np.uint8 if half else np.float32)
+    _preprocess_into(pixels, images, preprocessor.to_uint8 if half else preprocessor, errors)
     out = dict(batch)
     out["decoded"] = np.array([e is None for e in errors], dtype=bool)
     out["pixel_values"] = pixels
@@ -71,17 +74,17 @@ def _input_shape(preprocessor: Preprocessor) -> tuple:
     return _SHAPES[key]
 
 
-def _preprocess_into(pixels: np.ndarray, images: dict[int, Any], preprocessor, errors: list) -> None:
+def _preprocess_into(pixels: np.ndarray, images: dict[int, Any], preprocess, errors: list) -> None:
     if not images:
         return
     idx = list(images)
     try:
-        pixels[idx] = preprocessor([images[i] for i in idx])
+        pixels[idx] = preprocess([images[i] for i in idx])
         return
     except Exception:  # noqa: BLE001 - isolate the image that broke the batch
         logger.debug("batched preprocessing failed; retrying image by image", exc_info=True)
     for i in idx:
         try:
-            pixels[i] = preprocessor([images[i]])[0]
+            pixels[i] = preprocess([images[i]])[0]
         except Exception as exc:  # noqa: BLE001 - becomes this row's error
             errors[i] = ("preprocess_error", f"{type(exc).__name__}: {exc}")

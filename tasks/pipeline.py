@@ -157,7 +157,8 @@ def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pool: S
               "storage_options": settings.storage_options}
     context = BatchContext(run_id, ref.name, writer.spec, decode)
     cpus, _ = cluster_resources()
-    window = window_for(settings.decode_cpus, cpus - settings.num_actors * placement.num_cpus, settings.num_actors)
+    window = window_for(settings.decode_cpus, cpus - settings.num_actors * placement.num_cpus, settings.num_actors,
+                        pool.spec.concurrency)
     logger.info("scoring %d images in batches of %d on %d actors (%s), %s, up to %d batches in flight per actor",
                 plan.num_rows, settings.batch_size, settings.num_actors, placement.device,
                 f"decode tasks of {settings.decode_cpus:g} CPU" if settings.decode_cpus else "decoding in the actors",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -36,7 +37,9 @@ class ScoringActor:
 
     The constructor takes only the model, so actors can start before the run
     they will serve is known; the run comes with every call (a restarted
-    actor then needs nothing re-sent).
+    actor then needs nothing re-sent). Calls may run on two threads (GPU
+    actors): the model runs one batch at a time, and a batch's transfer and
+    Arrow rows overlap another's forward pass.
     """
 
     def __init__(self, *, model: str, revision: str | None, device: str, dtype: str, top_k: int,
@@ -50,6 +53,7 @@ class ScoringActor:
         # and reported for the output's lineage either way
         self.preprocessor = load_preprocessor(self.scorer.ref.local_dir)
         self._schemas: dict[OutputSpec, pa.Schema] = {}
+        self._model_lock = threading.Lock()  # one forward pass at a time: bounded device memory
 
     def preprocessing(self) -> dict:
         """The preprocessing configuration, for the output's lineage."""
@@ -86,7 +90,11 @@ class ScoringActor:
         labels: list = [None] * n
         if ok.any():
             rows = np.flatnonzero(ok)
-            result = self.scorer.score(pixels[ok], token_features=spec.token_features)
+            from deit_model import to_model_input  # here: the driver imports this module without torch
+
+            x = to_model_input(pixels[ok], self.preprocessor, self.scorer.device)
+            with self._model_lock:
+                result = self.scorer.score(x, token_features=spec.token_features)
             ids[rows], scores[rows], emb[rows] = result.label_ids, result.scores, result.embedding
             for row, names in zip(rows, self.scorer.labels(result.label_ids)):
                 labels[row] = names

@@ -22,14 +22,24 @@ def test_plan_batches_cover_the_plan_once_as_numpy():
     assert list(plan_batches(plan.slice(0, 0), 32)) == []
 
 
-@pytest.mark.parametrize("decode_cpus, spare, actors, window", [
-    (0, 0, 2, 2),  # in-actor decoding: one call scoring, one queued
-    (1, 15, 1, 16),  # a GPU actor and 15 decode CPUs: a call per decode task it can feed, + 1
-    (0.5, 1, 2, 2),
-    (1, 1000, 1, MAX_WINDOW),
+@pytest.mark.parametrize("decode_cpus, spare, actors, concurrency, window", [
+    (0, 0, 2, 1, 2),  # in-actor decoding: one call scoring, one queued
+    (0, 0, 1, 2, 3),  # a GPU actor running two calls at once: both, and one queued
+    (1, 15, 1, 2, 16),  # a GPU actor and 15 decode CPUs: a call per decode task it can feed, + 1
+    (0.5, 1, 2, 1, 2),
+    (1, 1000, 1, 2, MAX_WINDOW),
 ])
-def test_window_keeps_every_decode_task_busy_within_a_bound(decode_cpus, spare, actors, window):
-    assert window_for(decode_cpus, spare, actors) == window
+def test_window_keeps_every_decode_task_busy_within_a_bound(decode_cpus, spare, actors, concurrency, window):
+    assert window_for(decode_cpus, spare, actors, concurrency) == window
+
+
+def test_gpu_actors_run_two_calls_at_once_and_cpu_actors_one(tiny_checkpoint):
+    from tasks.actor_pool import GPU_CONCURRENCY, pool_spec
+    from tasks.pipeline import Placement
+
+    settings = ScoreSettings(input="x", output="y", model=str(tiny_checkpoint))
+    assert pool_spec(settings, "m", None, Placement("cuda", 1.0, 1.0)).concurrency == GPU_CONCURRENCY == 2
+    assert pool_spec(settings, "m", None, Placement("cpu", 0.0, 1.0)).concurrency == 1
 
 
 def _setup(tiny_checkpoint, photos, tmp_path, **kw):
@@ -49,19 +59,21 @@ def _setup(tiny_checkpoint, photos, tmp_path, **kw):
 
 
 def test_both_layouts_score_the_same_rows(ray_cluster, tiny_checkpoint, photos, tmp_path):
-    """Decode tasks then actors, or actors that decode: the same rows, each image once."""
+    """Actors that decode, or decode tasks (8-bit pixels) feeding a GPU-style actor that runs two
+    calls at once and normalises them: the same rows, each image once."""
     from tasks.actor_pool import ScorerPool
     from tasks.score import BatchContext
 
     settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
-    pool = ScorerPool(spec)
+    pool, threaded = ScorerPool(spec), ScorerPool(spec.__class__(**{**spec.__dict__, "concurrency": 2}))
     context = BatchContext("r", "m", OutputSpec(64), decode)
     try:
         assert pool.preprocessing()["library"] == "transformers"  # the actors' own, for lineage
-        apart = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), context, window=2, decode_cpus=0.5)))
         fused = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), context, window=2)))
+        apart = pa.concat_tables(list(threaded.imap(plan_batches(plan, 4), context, window=3, decode_cpus=0.5)))
     finally:
         pool.close()
+        threaded.close()
     assert sorted(apart["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # each once, any order
     by_uri = [("uri", "ascending")]
     assert apart.sort_by(by_uri).drop(["scored_at"]).equals(fused.sort_by(by_uri).drop(["scored_at"]))

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import decode_stage  # noqa: E402
 import images  # noqa: E402
 import procmem  # noqa: E402
 import report  # noqa: E402
@@ -148,3 +149,12 @@ def test_baseline_and_peer_run_only_at_the_compared_sizes(monkeypatch):
     for n in cfg.images:
         throughput._end_to_end(cfg, [], None, "fp32", None, n, "src", {}, "")
     assert ran == ["ours", "baseline", "peer", "ours"]
+
+
+def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
+    """The decode-stage figures of docs/scale.md: the same images as float32 and as a quarter of the bytes."""
+    uris = sorted(str(p) for p in photos.iterdir())
+    out = decode_stage.measure_decode(uris, str(tiny_checkpoint), batch_size=2, rounds=1)
+    assert out["images"] == len(uris) and out["splits_exactly"] is True
+    assert out["float32"]["bytes_per_image"] == 3 * 224 * 224 * 4 == 4 * out["uint8"]["bytes_per_image"]
+    assert out["float32"]["ms_per_image"] > 0 and out["uint8"]["ms_per_image"] > 0 and out["finish_ms_per_image"] > 0

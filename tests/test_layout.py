@@ -27,10 +27,12 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
     """Ray hands an all-None error_type column back as NaN: rows must still be scored."""
     import numpy as np
 
+    import threading
+
     from tasks.score import BatchContext, ScoringActor
 
     class _Scorer:  # the model is not what this checks
-        top_k, activation, ref = 1, "softmax", type("R", (), {"revision": None})
+        top_k, activation, ref, device = 1, "softmax", type("R", (), {"revision": None}), "cpu"
 
         def score(self, pixels, token_features=False):
             from deit_model import ScoreResult
@@ -42,7 +44,7 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
             return [["x"] for _ in ids]
 
     actor = object.__new__(ScoringActor)
-    actor.scorer, actor._schemas = _Scorer(), {}
+    actor.scorer, actor.preprocessor, actor._schemas, actor._model_lock = _Scorer(), None, {}, threading.Lock()
     batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),
              "pixel_values": np.zeros((2, 3, 4, 4), np.float32),
              "error_type": np.array([np.nan, np.nan]), "error_message": np.array([np.nan, np.nan]),
@@ -73,9 +75,32 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
     apart = actor.score_batch(decoded, BatchContext("r", "m", OutputSpec(64)))
     apart = apart.drop(["scored_at"])
     assert fused.equals(apart)
+    # as decode tasks send them: 8-bit pixels, a quarter of the bytes, normalised by the actor
+    decoded8 = decode_batch(dict(plan), preprocessor=load_preprocessor(str(tiny_checkpoint)), uint8=True, **decode)
+    assert decoded8["pixel_values"].dtype == np.uint8 and decoded8["pixel_values"].nbytes * 4 == decoded[
+        "pixel_values"].nbytes
+    assert fused.equals(actor.score_batch(decoded8, BatchContext("r", "m", OutputSpec(64))).drop(["scored_at"]))
     assert fused["error_type"].to_pylist() == [None, None, None, "not_an_image"]
     assert fused["error_message"][3].as_py() == "not a recognised image format (20 bytes, starting b'\\xff\\xd8 not r')"
     assert fused["label_ids"].null_count == 1
+
+
+def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint, photos):
+    """Halves that differ from the whole by one rounding are not used: pixels stay float32."""
+    import numpy as np
+
+    from deit_model import load_preprocessor
+    from tasks.decode import decode_batch
+
+    pre = load_preprocessor(str(tiny_checkpoint))
+    normalize = pre.normalize
+    pre.normalize = lambda x: normalize(x).nextafter(normalize(x) + 1)  # one ulp off
+    assert not pre.splits_exactly()
+    plan = {"uri": np.array([f"file://{p}" for p in sorted(photos.glob("*"))[:2]], object)}
+    out = decode_batch(plan, preprocessor=pre, max_pixels=10**8, fast_decode=False, storage_options={}, uint8=True)
+    assert out["pixel_values"].dtype == np.float32 and out["decoded"].all()
+    np.testing.assert_array_equal(out["pixel_values"], pre([__import__("PIL.Image").Image.open(p).convert("RGB")
+                                                            for p in sorted(photos.glob("*"))[:2]]))
 
 
 def test_split_scored_routes_rows():

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import (AutoImageProcessor, AutoModelForImageClassification, DeiTModel, ViTModel,
                           pipeline)
 
-from deit_model import create_random_checkpoint, create_scorer, load_preprocessor
+from deit_model import create_random_checkpoint, create_scorer, load_preprocessor, to_model_input
 
 from .conftest import TINY_OVERRIDES
 
@@ -92,7 +92,11 @@ def test_every_hub_checkpoint_matches_transformers(name, tmp_path, photos):
     images = _photos(photos)
     pre = load_preprocessor(str(ckpt))
     ref_proc = AutoImageProcessor.from_pretrained(ckpt)
-    np.testing.assert_array_equal(pre(images), ref_proc(images, return_tensors="pt")["pixel_values"].numpy())
+    ref_x = ref_proc(images, return_tensors="pt")["pixel_values"].numpy()
+    np.testing.assert_array_equal(pre(images), ref_x)
+    # the decode tasks' half (8-bit resize and crop), finished on the actor's device: the same pixels
+    assert pre.splits_exactly()
+    np.testing.assert_array_equal(to_model_input(pre.to_uint8(images), pre, torch.device("cpu")).numpy(), ref_x)
     ours = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32").score(pre(images))
     ref_scores, ref_ids = _reference(ckpt, images).softmax(-1).topk(5)
     np.testing.assert_array_equal(ours.label_ids, ref_ids.numpy())

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 timm = pytest.importorskip("timm")
 
-from deit_model import create_random_timm_checkpoint, create_scorer, inspect_checkpoint, load_preprocessor  # noqa: E402
+from deit_model import (create_random_timm_checkpoint, create_scorer, inspect_checkpoint,  # noqa: E402
+                        load_preprocessor, to_model_input)
 
 SMALL = {
     "deit_base_distilled_patch16_224.fb_in1k": dict(depth=2, embed_dim=64, num_heads=2),
@@ -48,6 +49,8 @@ def test_timm_models_match_timm(name, tmp_path, photos):
     pre = load_preprocessor(str(ckpt))
     x = pre(images)
     np.testing.assert_array_equal(x, ref_x)  # timm's own transform, bit for bit
+    assert pre.splits_exactly()  # and in two halves, as decode tasks and GPU actors run it
+    np.testing.assert_array_equal(to_model_input(pre.to_uint8(images), pre, torch.device("cpu")).numpy(), ref_x)
     scorer = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32")
     ours = scorer.score(x)
     np.testing.assert_array_equal(ours.label_ids, ref_ids)

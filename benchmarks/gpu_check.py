@@ -1,0 +1,90 @@
+"""GPU correctness in one command: the device's pixels and scores against the CPU's, per seed model.
+
+For a lent H100/H200 (docs/benchmarks.md, "GPU"), needing only torch,
+transformers, timm and pillow (the GPU machine has them; Ray and Prefect do
+not travel there whole). For each model, on benchmark-sized images:
+
+- ``pixels_equal``: the decode tasks' uint8 half finished on the device
+  (``to_model_input``) equals the CPU's whole preprocessing bit for bit;
+- fp32 on the device against fp32 on the CPU: top-1 agreement and the
+  largest score difference; bf16 on the device: top-1 agreement and the
+  smallest embedding cosine.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --out /tmp/gpu_check.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import images  # noqa: E402 - sibling module (this directory is sys.path[0])
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("facebook/deit-base-distilled-patch16-224", "timm:cait_m36_384.fb_dist_in1k")
+
+
+def _checkpoint(name: str, root: Path) -> Path:
+    from deit_model import create_random_checkpoint, create_random_timm_checkpoint
+
+    out = root / name.replace("/", "--").replace(":", "-")
+    if name.startswith("timm:"):
+        return create_random_timm_checkpoint(name[len("timm:"):], out)
+    return create_random_checkpoint(name, out)
+
+
+def check_model(ckpt: str, pil_images: list, device: str) -> dict:
+    """Pixels and scores on ``device`` against the CPU in fp32, for one checkpoint."""
+    import torch
+
+    from deit_model import Scorer, load_preprocessor, resolve_checkpoint, to_model_input
+
+    pre, ref = load_preprocessor(ckpt), resolve_checkpoint(ckpt)
+    cpu_pixels = pre(pil_images)
+    on_device = to_model_input(pre.to_uint8(pil_images), pre, torch.device(device))
+    out = {"splits_exactly": pre.splits_exactly(),
+           "pixels_equal": bool(torch.equal(on_device.cpu(), torch.from_numpy(cpu_pixels))),
+           "pixels_max_abs_diff": float((on_device.cpu() - torch.from_numpy(cpu_pixels)).abs().max())}
+    cpu = Scorer(ref, device="cpu", dtype="fp32").score(cpu_pixels)
+    for dtype in ("fp32", "bf16"):
+        scorer = Scorer(ref, device=device, dtype=dtype)
+        res = scorer.score(on_device)
+        cos = (res.embedding * cpu.embedding).sum(1) / (
+            np.linalg.norm(res.embedding, axis=1) * np.linalg.norm(cpu.embedding, axis=1))
+        out[dtype] = {"top1_agree": float((res.label_ids[:, 0] == cpu.label_ids[:, 0]).mean()),
+                      "max_score_diff": float(np.abs(res.scores - cpu.scores).max()),
+                      "min_embedding_cosine": float(cos.min())}
+        del scorer
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check each model and write the results as JSON to ``--out`` (and the log)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="the device to check against the CPU (default cuda)")
+    parser.add_argument("--model", nargs="+", default=list(MODELS), help="hub names; random weights are written")
+    parser.add_argument("--images", type=int, default=16, help="benchmark-sized JPEGs to score")
+    parser.add_argument("--out", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from deit_model import decode_image
+
+    pil = [decode_image(images.render(images.KINDS["small"], seed)) for seed in range(args.images)]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.model:
+            results[name] = check_model(str(_checkpoint(name, Path(tmp))), pil, args.device)
+            logger.info("%s: %s", name, json.dumps(results[name]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    exact = all(r["pixels_equal"] for r in results.values())
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
