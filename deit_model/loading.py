@@ -51,21 +51,26 @@ def cache_root() -> Path:
 
 
 def resolve_checkpoint(
-    model: str, revision: str | None = None, storage_options: dict | None = None
+    model: str, revision: str | None = None, storage_options: dict | None = None, identify: bool = True
 ) -> CheckpointRef:
-    """Resolve ``model`` (hub id, ``timm:<name>``, local dir or fsspec URI) to a local directory."""
+    """Resolve ``model`` (hub id, ``timm:<name>``, local dir or fsspec URI) to a local directory.
+
+    A directory's revision is its :func:`content_hash`; ``identify=False``
+    leaves it None, for callers that only read the directory's configuration
+    (hashing DeiT-base's weights is most of a second of a core).
+    """
     if model.startswith("timm:"):
         # timm's pretrained weights live on the hub as timm/<name>[.<tag>]
         name = model[len("timm:"):]
         ref = _fetch_hub(name if "/" in name else f"timm/{name}", revision)
         return CheckpointRef(model, ref.local_dir, model, ref.revision)
     if "://" in model and not model.startswith("file://"):
-        return _fetch_remote_dir(model, storage_options or {})
+        return _fetch_remote_dir(model, storage_options or {}, identify)
     local = model[len("file://"):] if model.startswith("file://") else model
     if os.path.isdir(local):
         _check_weights(local)
         local = os.path.abspath(local)  # workers may run elsewhere than the driver's cwd
-        return CheckpointRef(Path(local).name, local, local, content_hash(local))
+        return CheckpointRef(Path(local).name, local, local, content_hash(local) if identify else None)
     if not _HUB_ID.fullmatch(model):
         raise ModelLoadError(
             f"model directory {model!r} does not exist; pass an existing checkpoint "
@@ -158,7 +163,7 @@ def probe_hub(endpoint: str | None = None) -> str | None:
         return str(getattr(exc, "reason", exc))
 
 
-def _fetch_remote_dir(uri: str, storage_options: dict) -> CheckpointRef:
+def _fetch_remote_dir(uri: str, storage_options: dict, identify: bool = True) -> CheckpointRef:
     """Copy a checkpoint directory from object storage into the local cache once."""
     import fsspec
 
@@ -184,24 +189,36 @@ def _fetch_remote_dir(uri: str, storage_options: dict) -> CheckpointRef:
         except OSError as exc:
             raise ModelLoadError(f"cannot read model directory {uri!r}: {exc}") from exc
     _check_weights(str(target))
-    return CheckpointRef(uri.rstrip("/").rsplit("/", 1)[-1], str(target), uri, content_hash(str(target)))
+    return CheckpointRef(uri.rstrip("/").rsplit("/", 1)[-1], str(target), uri,
+                         content_hash(str(target)) if identify else None)
+
+
+_HASHED = (".json", ".safetensors", ".bin")
+_hashes: dict[tuple, str] = {}  # per process: (directory, its files' names, sizes, mtimes) -> hash
 
 
 def content_hash(local_dir: str) -> str:
     """``sha256:<hex>`` over the checkpoint's config, preprocessing and weight files.
 
     Identifies the exact weights of a local or remote checkpoint directory,
-    which have no hub commit to name them.
+    which have no hub commit to name them. Remembered per process while the
+    files' sizes and modification times stay the same: a run's command
+    resolves the model three times (checks, plan, score).
     """
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(local_dir)):
-        if not name.endswith((".json", ".safetensors", ".bin")):
-            continue
-        digest.update(name.encode() + b"\0")
-        with open(os.path.join(local_dir, name), "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:32]
+    names = sorted(n for n in os.listdir(local_dir) if n.endswith(_HASHED))
+    stats = [os.stat(os.path.join(local_dir, n)) for n in names]
+    key = (os.path.abspath(local_dir), tuple((n, st.st_size, st.st_mtime_ns) for n, st in zip(names, stats)))
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        for name in names:
+            digest.update(name.encode() + b"\0")
+            with open(os.path.join(local_dir, name), "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        if len(_hashes) >= 16:  # a long-lived worker that sees many checkpoints: keep it bounded
+            _hashes.clear()
+        _hashes[key] = "sha256:" + digest.hexdigest()[:32]
+    return _hashes[key]
 
 
 def _check_weights(local_dir: str) -> None:

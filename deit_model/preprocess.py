@@ -200,7 +200,8 @@ def create_preprocessor(model: str, revision: str | None = None, storage_options
     """Resolve ``model`` (as :func:`~deit_model.create_scorer` does) and load its preprocessing."""
     from .loading import resolve_checkpoint
 
-    return load_preprocessor(resolve_checkpoint(model, revision, storage_options).local_dir)
+    # the configuration only: no need to hash the weights for a revision
+    return load_preprocessor(resolve_checkpoint(model, revision, storage_options, identify=False).local_dir)
 
 
 def load_preprocessor(local_dir: str) -> Preprocessor:

@@ -82,8 +82,24 @@ def test_local_revision_is_a_content_hash(tmp_path, tiny_checkpoint):
     shutil.copytree(tiny_checkpoint, copy)
     first = resolve_checkpoint(str(copy)).revision
     assert first.startswith("sha256:") and first == resolve_checkpoint(str(tiny_checkpoint)).revision
+    # rewritten in place, same size: the remembered hash is not reused (the files' times changed)
     (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     assert resolve_checkpoint(str(copy)).revision != first
+    assert resolve_checkpoint(str(copy), identify=False).revision is None  # for readers of the config only
+
+
+def test_content_hash_is_computed_once_per_process(tmp_path, tiny_checkpoint, monkeypatch):
+    import builtins
+
+    from deit_model import loading
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, copy)
+    first = loading.content_hash(str(copy))
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    assert loading.content_hash(str(copy)) == first and opened == []  # the weights are not read again
 
 
 def test_bin_weights_load_with_weights_only(tmp_path, tiny_checkpoint, photos):
