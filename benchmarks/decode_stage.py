@@ -1,7 +1,7 @@
 """The decode stage alone: images per second per CPU core, and the hand-off to a scoring actor.
 
 For the cost model (docs/scale.md): how many cores feed one GPU, and what
-sending pixels as uint8 (decode tasks' default since the split of the
+sending pixels as uint8 (what decode tasks send GPU actors, since the split of the
 preprocessing) instead of float32 saves. Three measurements, one process
 each, on the same images:
 

@@ -33,13 +33,15 @@ def test_window_keeps_every_decode_task_busy_within_a_bound(decode_cpus, spare, 
     assert window_for(decode_cpus, spare, actors, concurrency) == window
 
 
-def test_gpu_actors_run_two_calls_at_once_and_cpu_actors_one(tiny_checkpoint):
+def test_gpu_actors_run_two_calls_at_once_on_uint8_pixels_and_cpu_actors_one_on_float32(tiny_checkpoint):
     from tasks.actor_pool import GPU_CONCURRENCY, pool_spec
     from tasks.pipeline import Placement
 
     settings = ScoreSettings(input="x", output="y", model=str(tiny_checkpoint))
-    assert pool_spec(settings, "m", None, Placement("cuda", 1.0, 1.0)).concurrency == GPU_CONCURRENCY == 2
-    assert pool_spec(settings, "m", None, Placement("cpu", 0.0, 1.0)).concurrency == 1
+    gpu = pool_spec(settings, "m", None, Placement("cuda", 1.0, 1.0))
+    cpu = pool_spec(settings, "m", None, Placement("cpu", 0.0, 1.0))
+    assert (gpu.concurrency, gpu.uint8_pixels) == (GPU_CONCURRENCY, True) and GPU_CONCURRENCY == 2
+    assert (cpu.concurrency, cpu.uint8_pixels) == (1, False)
 
 
 def _setup(tiny_checkpoint, photos, tmp_path, **kw):
@@ -65,7 +67,8 @@ def test_both_layouts_score_the_same_rows(ray_cluster, tiny_checkpoint, photos, 
     from tasks.score import BatchContext
 
     settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
-    pool, threaded = ScorerPool(spec), ScorerPool(spec.__class__(**{**spec.__dict__, "concurrency": 2}))
+    gpu_like = spec.__class__(**{**spec.__dict__, "concurrency": 2, "uint8_pixels": True})
+    pool, threaded = ScorerPool(spec), ScorerPool(gpu_like)
     context = BatchContext("r", "m", OutputSpec(64), decode)
     try:
         assert pool.preprocessing()["library"] == "transformers"  # the actors' own, for lineage
