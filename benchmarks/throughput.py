@@ -108,10 +108,20 @@ def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str, after: bool
             for e in run.events if e["event"] == "ceiling"]
 
 
+def ours_command() -> list[str]:
+    """The ``score-images`` command beside this interpreter, or the same entry point run as a module.
+
+    The second is for an interpreter with the project on ``PYTHONPATH`` rather
+    than installed (the lent GPU machine, docs/benchmarks.md).
+    """
+    script = Path(sys.executable).parent / "score-images"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+
+
 def measure_ours(cfg, ckpt: Path, dtype: str, source: str, n: int, storage_options: dict) -> dict:
     """``score-images run`` end to end, read from its log lines."""
     out = cfg.workdir / "outputs" / f"ours-{time.time_ns()}"
-    cmd = [str(Path(sys.executable).parent / "score-images"), "run", "--input", source, "--output", str(out),
+    cmd = ours_command() + ["run", "--input", source, "--output", str(out),
            "--model", str(ckpt), "--batch-size", str(cfg.batch_size), "--dtype", dtype, "--device", cfg.device,
            "--num-actors", str(cfg.num_actors), "--cpus-per-actor", str(cfg.cpus_per_actor),
            "--decode-cpus", str(cfg.decode_cpus), "--gpus-per-actor", str(cfg.gpus_per_actor)]

@@ -158,3 +158,15 @@ def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
     assert out["images"] == len(uris) and out["splits_exactly"] is True
     assert out["float32"]["bytes_per_image"] == 3 * 224 * 224 * 4 == 4 * out["uint8"]["bytes_per_image"]
     assert out["float32"]["ms_per_image"] > 0 and out["uint8"]["ms_per_image"] > 0 and out["finish_ms_per_image"] > 0
+
+
+def test_ours_runs_as_a_module_where_the_command_is_not_installed(tmp_path, monkeypatch):
+    import subprocess
+
+    assert throughput.ours_command() == [str(Path(sys.executable).parent / "score-images")]
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))  # no score-images beside it
+    assert throughput.ours_command() == [str(tmp_path / "python3"), "-m", "flows.cli"]
+    monkeypatch.undo()
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0 and "--decode-cpus" in run.stdout

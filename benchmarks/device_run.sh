@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 6 in one device call, inside its 10-minute limit: GPU correctness
+# (benchmarks/gpu_check.py), then the throughput benchmark for DeiT-base distilled in bf16 (all
+# four stages) and CaiT-M36 384 (ceiling and ours). Results go to $OUT, at most 8 files:
+# hardware.txt, gpu_check.json, deit-base.md, cait.md, logs.tgz (each stage's log, the raw
+# results), run.log. Each step has its own time limit, so a slow one leaves the others' results.
+#
+# Here, first: benchmarks/device_bundle.sh (Ray, Prefect and theirs -> .device/site.tar.xz).
+# Then, with the device tool: run(command="bash benchmarks/device_run.sh", carry=[".device"]).
+# A dry run on a CPU machine (a Python 3.12 with torch, transformers and timm as PYTHON):
+#   DEVICE=cpu DTYPE=fp32 DEIT_MODEL=facebook/deit-tiny-distilled-patch16-224 \
+#   CAIT_MODEL=timm:deit_tiny_distilled_patch16_224.fb_in1k DEIT_IMAGES=300 CAIT_IMAGES=100 \
+#   DEIT_BATCHES=16 DEIT_BATCH=16 CAIT_BATCHES=16 CAIT_BATCH=16 \
+#   PYTHON=/path/to/python3.12 OUT=/tmp/device-out bash benchmarks/device_run.sh
+set -uo pipefail
+out="${OUT:-/tmp/device-out}"
+py="${PYTHON:-python3}"
+device="${DEVICE:-cuda}" dtype="${DTYPE:-bf16}"
+deit="${DEIT_MODEL:-facebook/deit-base-distilled-patch16-224}" cait="${CAIT_MODEL:-timm:cait_m36_384.fb_dist_in1k}"
+work=/tmp/device-bench
+mkdir -p "$out" /tmp/site "$work"
+exec > >(tee "$out/run.log") 2>&1
+tar -xJf .device/site.tar.xz -C /tmp/site || { echo "no .device/site.tar.xz: run benchmarks/device_bundle.sh"; exit 2; }
+export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+{ date -u; nproc; free -g | head -2; nvidia-smi 2>&1 | head -15
+  "$py" -c "import torch, transformers, ray, prefect; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+  'transformers', transformers.__version__, 'ray', ray.__version__, 'prefect', prefect.__version__)"; } > "$out/hardware.txt" 2>&1
+cat "$out/hardware.txt"
+bench() {  # name, seconds, throughput.py arguments...
+    local name=$1 limit=$2; shift 2
+    echo "== $name (at most ${limit} s)"
+    timeout "$limit" "$py" benchmarks/throughput.py --device "$device" --dtype "$dtype" --workdir "$work" \
+        --settle 3 --ceiling-seconds 4 --timeout "$limit" --out "$out/$name.md" "$@"
+    echo "== $name: exit $?"
+}
+echo "== gpu_check"
+timeout 100 "$py" benchmarks/gpu_check.py --device "$device" --model "$deit" "$cait" --images 16 \
+    --out "$out/gpu_check.json"
+echo "== gpu_check: exit $?"
+# word splitting of the batch-size lists is meant
+# shellcheck disable=SC2086
+bench deit-base 300 --model "$deit" --images "${DEIT_IMAGES:-20000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
+    --batch-size "${DEIT_BATCH:-128}"
+# shellcheck disable=SC2086
+bench cait 140 --model "$cait" --images "${CAIT_IMAGES:-3000}" --batch-sizes ${CAIT_BATCHES:-32 64} \
+    --batch-size "${CAIT_BATCH:-64}" --skip baseline peer
+tar -czf "$out/logs.tgz" -C "$work" logs $(cd "$work" && ls results-*.json 2>/dev/null)
+echo "== done"
