@@ -34,10 +34,6 @@ logger = logging.getLogger(__name__)
 DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
 ACTOR_RESTARTS = 3  # an actor killed (out of memory, a lost node) is restarted and its calls retried
 MAX_WINDOW = 64  # calls in flight per actor, at most
-# GPU actors get uint8 pixels from decode tasks: a quarter of the bytes through the object
-# store and over PCIe, and 17 % less decode CPU per image; normalising them is one kernel.
-# CPU actors get finished float32 pixels: there the actor's core is what bounds the run, and
-# normalising would add 0.28 ms of it per image (benchmarks/decode_stage.py).
 # A GPU actor runs two calls at once: while one batch is on the GPU the other's pixels are
 # copied and its rows built, which would otherwise leave the GPU idle between batches.
 # CPU actors run one: a second thread would only share the same core.
@@ -60,14 +56,19 @@ class PoolSpec:
     concurrency: int = 1  # calls an actor runs at once (threads)
     uint8_pixels: bool = False  # decode tasks send uint8 pixels, which the actors normalise
 
-
     def actor_kwargs(self) -> dict:
         return {"model": self.model, "revision": self.revision, "device": self.device, "dtype": self.dtype,
                 "top_k": self.top_k, "storage_options": json.loads(self.storage_options)}
 
 
 def pool_spec(settings, model: str, revision: str | None, placement) -> PoolSpec:
-    """The pool a run with ``settings`` and this placement needs."""
+    """The pool a run with ``settings`` and this placement needs.
+
+    GPU actors get uint8 pixels from decode tasks: a quarter of the bytes through the object
+    store and over PCIe, and 17 % less decode CPU per image; normalising them is one kernel.
+    CPU actors get finished float32 pixels: there the actor's core bounds the run, and
+    normalising would add 0.28 ms of it per image (benchmarks/decode_stage.py).
+    """
     return PoolSpec(model, revision, placement.device, settings.dtype, settings.top_k,
                     json.dumps(settings.storage_options, sort_keys=True, default=str),
                     settings.num_actors, placement.num_cpus, placement.num_gpus,

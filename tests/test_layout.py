@@ -88,6 +88,7 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
 def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint, photos):
     """Halves that differ from the whole by one rounding are not used: pixels stay float32."""
     import numpy as np
+    from PIL import Image
 
     from deit_model import load_preprocessor
     from tasks.decode import decode_batch
@@ -96,11 +97,11 @@ def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint
     normalize = pre.normalize
     pre.normalize = lambda x: normalize(x).nextafter(normalize(x) + 1)  # one ulp off
     assert not pre.splits_exactly()
-    plan = {"uri": np.array([f"file://{p}" for p in sorted(photos.glob("*"))[:2]], object)}
+    paths = sorted(photos.glob("*"))[:2]
+    plan = {"uri": np.array([f"file://{p}" for p in paths], object)}
     out = decode_batch(plan, preprocessor=pre, max_pixels=10**8, fast_decode=False, storage_options={}, uint8=True)
     assert out["pixel_values"].dtype == np.float32 and out["decoded"].all()
-    np.testing.assert_array_equal(out["pixel_values"], pre([__import__("PIL.Image").Image.open(p).convert("RGB")
-                                                            for p in sorted(photos.glob("*"))[:2]]))
+    np.testing.assert_array_equal(out["pixel_values"], pre([Image.open(p).convert("RGB") for p in paths]))
 
 
 def test_split_scored_routes_rows():
