@@ -15,7 +15,7 @@ takes that task's result, so decoding runs on other CPUs while actors score.
 """
 from __future__ import annotations
 
-import functools
+import itertools
 import json
 import logging
 import threading
@@ -26,13 +26,15 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .decode import decode_batch
+from . import crashes
+from .decode import decode_task_for
 from .score import BatchContext, ScoringActor
 
 logger = logging.getLogger(__name__)
 
-DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
-ACTOR_RESTARTS = 3  # an actor killed (out of memory, a lost node) is restarted and its calls retried
+# An actor killed (out of memory, a lost node, a crashing decoder) is restarted, always, and
+# its calls retried up to CALL_RETRIES times; what then still dies, tasks/crashes.py handles.
+CALL_RETRIES = 3
 MAX_WINDOW = 64  # calls in flight per actor, at most
 # A GPU actor runs two calls at once: while one batch is on the GPU the other's pixels are
 # copied and its rows built, which would otherwise leave the GPU idle between batches.
@@ -79,14 +81,14 @@ def pool_spec(settings, model: str, revision: str | None, placement) -> PoolSpec
 class ScorerPool:
     """``spec.num_actors`` scoring actors; :meth:`imap` streams batches through them."""
 
-    def __init__(self, spec: PoolSpec, stagger: bool = False):
+    def __init__(self, spec: PoolSpec, stagger: bool = False, actor_cls: type = ScoringActor):
         """Start the actors; with ``stagger``, the others only once the first is up (it waits)."""
         import ray
 
         self.spec = spec
-        cls = ray.remote(ScoringActor).options(
+        cls = ray.remote(actor_cls).options(
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_concurrency=spec.concurrency,
-            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+            max_restarts=-1, max_task_retries=CALL_RETRIES)
         logger.info("pool: starting %d scoring actors (%s, %g CPU, %g GPU each)%s", spec.num_actors,
                     spec.device, spec.num_cpus, spec.num_gpus, ", the others once the first is up" if stagger else "")
         self.actors = [cls.remote(**spec.actor_kwargs())]
@@ -110,35 +112,85 @@ class ScorerPool:
         ``context.decode`` holds the decode options. With ``decode_cpus`` > 0
         each batch is decoded by a Ray task of that many CPUs first, and the
         actors receive decoded rows; otherwise the actors decode.
+
+        A batch whose process died on every retry is a suspect: once nothing
+        else is in flight it runs alone, so a death is its own, and is halved
+        until the image that kills its process is alone; that image becomes a
+        ``process_died`` error row and the rest is scored.
         """
+        import ray
+
+        call = self._caller(context, decode_cpus)
+        in_flight: dict = {}  # result ref -> (actor index, batch, whether it runs alone)
+        load = [0] * len(self.actors)
+        suspects: list[dict] = []
+        died, source = 0, iter(batches)
+        while True:
+            if not suspects:
+                for batch in itertools.islice(source, max(0, window * len(self.actors) - len(in_flight))):
+                    i = min(range(len(load)), key=load.__getitem__)
+                    in_flight[call(self.actors[i], batch)] = (i, batch, False)
+                    load[i] += 1
+            elif not in_flight:
+                self._wait_up(self.actors[0])  # a restarting actor is not this batch's death
+                batch = suspects.pop()
+                in_flight[call(self.actors[0], batch, alone=True)] = (0, batch, True)
+            if not in_flight:
+                return
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            i, batch, alone = in_flight.pop(ref)
+            load[i] -= 1
+            try:
+                table = ray.get(ref)  # an error the code raised is raised here, as the run's
+            except crashes.deaths() as exc:
+                died += 1
+                if died > crashes.CRASH_BUDGET:
+                    raise crashes.ScoringProcessDied(f"scoring processes died {died} times; the last on "
+                                                     f"{crashes.describe(batch)}: {exc}") from exc
+                table = crashes.after_death(batch, alone, exc, suspects, context)
+            if table is not None:
+                yield table
+
+    def _caller(self, context: BatchContext, decode_cpus: float):
+        """``call(actor, batch, alone=False) -> ref``: one batch's decode task (if any) and actor call."""
         import ray
 
         decode_task = None
         if decode_cpus > 0:
             checkpoint = (self.spec.model, self.spec.revision, self.spec.storage_options)
             options = {**context.decode, "checkpoint": checkpoint, "uint8": self.spec.uint8_pixels}
-            decode_task, decode_ref = _decode_task(decode_cpus), ray.put(options)
+            decode_task, decode_ref = decode_task_for(decode_cpus), ray.put(options)
             context = replace(context, decode=None)
         context_ref = ray.put(context)
-        in_flight: dict = {}  # result ref -> actor index
-        load = [0] * len(self.actors)
-        for batch in batches:
-            while len(in_flight) >= window * len(self.actors):
-                yield self._next(in_flight, load)
-            i = min(range(len(load)), key=load.__getitem__)
-            arg = decode_task.remote(batch, decode_ref) if decode_task else batch
-            in_flight[self.actors[i].score_batch.remote(arg, context_ref)] = i
-            load[i] += 1
-        while in_flight:
-            yield self._next(in_flight, load)
+
+        def call(actor, batch: dict, alone: bool = False):
+            # alone, a suspect is not retried: its first death is the evidence
+            arg = batch
+            if decode_task is not None:
+                arg = (decode_task.options(max_retries=0) if alone else decode_task).remote(batch, decode_ref)
+            method = actor.score_batch.options(max_task_retries=0) if alone else actor.score_batch
+            return method.remote(arg, context_ref)
+        return call
 
     @staticmethod
-    def _next(in_flight: dict, load: list[int]) -> pa.Table:
-        import ray
+    def _wait_up(actor, timeout: float = 300.0) -> None:
+        """Return once ``actor`` answers (it may be restarting after a death)."""
+        import time
 
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        load[in_flight.pop(ref)] -= 1
-        return ray.get(ref)  # an actor's error is raised here, as the run's
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ray.get(actor.preprocessing.remote())
+                return
+            except ActorUnavailableError:  # restarting: ask again
+                if time.monotonic() > deadline:
+                    raise crashes.ScoringProcessDied(f"the scoring actor did not come back within {timeout:g} s") from None
+                time.sleep(0.5)
+            except crashes.deaths() as exc:
+                raise crashes.ScoringProcessDied(f"no scoring actor could be started again: {exc}") from exc
 
     def close(self) -> None:
         """Stop the actors (on a shared cluster they would otherwise hold their CPUs and GPUs)."""
@@ -148,29 +200,6 @@ class ScorerPool:
             for actor in self.actors:
                 ray.kill(actor)
         self.actors = []
-
-
-def _decode_task(num_cpus: float):
-    import ray
-
-    # The memory reservation keeps Ray from packing too many decode tasks onto a
-    # node: a batch of 12 MP photos holds hundreds of MB while decoding.
-    return ray.remote(_decode).options(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)
-
-
-def _decode(batch: dict, options: dict) -> dict:
-    options = dict(options)
-    preprocessor = _preprocessor(*options.pop("checkpoint"))
-    return decode_batch(batch, preprocessor=preprocessor, **options)
-
-
-@functools.lru_cache(maxsize=1)
-def _preprocessor(model: str, revision: str | None, storage_options: str):  # the options as JSON: hashable
-    # per decode worker process: read from the checkpoint once, as the actors do,
-    # instead of the driver importing the model libraries to ship it
-    from deit_model import create_preprocessor
-
-    return create_preprocessor(model, revision, json.loads(storage_options))
 
 
 def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -6,6 +6,8 @@ object marks only its own row.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from typing import Any
 
@@ -17,6 +19,8 @@ from deit_model.decode import NOT_FOUND, READ_ERROR
 from . import storage
 
 logger = logging.getLogger(__name__)
+
+DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
 
 
 def decode_batch(
@@ -88,3 +92,27 @@ def _preprocess_into(pixels: np.ndarray, images: dict[int, Any], preprocess, err
             pixels[i] = preprocess([images[i]])[0]
         except Exception as exc:  # noqa: BLE001 - becomes this row's error
             errors[i] = ("preprocess_error", f"{type(exc).__name__}: {exc}")
+
+
+def decode_task_for(num_cpus: float):
+    """The Ray task that decodes one batch, with ``num_cpus`` CPUs: ``task.remote(batch, options)``."""
+    import ray
+
+    # The memory reservation keeps Ray from packing too many decode tasks onto a
+    # node: a batch of 12 MP photos holds hundreds of MB while decoding.
+    return ray.remote(_decode).options(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)
+
+
+def _decode(batch: dict, options: dict) -> dict:
+    options = dict(options)
+    preprocessor = _preprocessor(*options.pop("checkpoint"))
+    return decode_batch(batch, preprocessor=preprocessor, **options)
+
+
+@functools.lru_cache(maxsize=1)
+def _preprocessor(model: str, revision: str | None, storage_options: str):  # the options as JSON: hashable
+    # per decode worker process: read from the checkpoint once, as the actors do,
+    # instead of the driver importing the model libraries to ship it
+    from deit_model import create_preprocessor
+
+    return create_preprocessor(model, revision, json.loads(storage_options))

@@ -30,6 +30,7 @@ class BatchContext:
     model_name: str
     spec: OutputSpec
     decode: dict | None = None
+    model_revision: str | None = None  # for rows the driver writes itself (process_error_rows)
 
 
 class ScoringActor:
@@ -67,20 +68,9 @@ class ScoringActor:
         schema = self._schemas.get(spec)
         if schema is None:  # one per run's output spec, built once
             schema = self._schemas[spec] = scored_schema(spec)
-        n = len(batch["uri"])
         ok = np.asarray(batch["decoded"], dtype=bool)
         cols = self._prediction_columns(batch["pixel_values"], ok, spec)
-        now = datetime.now(timezone.utc)
-        data = {
-            "uri": batch["uri"], **cols,
-            "model": [context.model_name] * n, "model_revision": [self.scorer.ref.revision] * n,
-            "run_id": [context.run_id] * n, "scored_at": [now] * n,
-            "source_size": batch["source_size"], "source_etag": batch["source_etag"],
-            "source_mtime": batch["source_mtime"],
-            **{c: batch[c] for c in ERROR_COLUMNS},
-        }
-        return pa.Table.from_pydict({k: _arrow(v, schema.field(k).type) for k, v in data.items()},
-                                    schema=schema)
+        return _table({**_passthrough(batch, context, self.scorer.ref.revision), **cols}, schema)
 
     def _prediction_columns(self, pixels: np.ndarray, ok: np.ndarray, spec: OutputSpec) -> dict[str, pa.Array]:
         """Score the decodable rows; error rows get nulls in every prediction column."""
@@ -112,6 +102,35 @@ class ScoringActor:
         if spec.token_features:
             cols["token_features"] = _token_lists(feats, n, dim, value_np, null)
         return cols
+
+
+PROCESS_DIED = "process_died"  # error_type of an image whose scoring process died each time
+
+
+def process_error_rows(batch: dict[str, np.ndarray], context: BatchContext, message: str) -> pa.Table:
+    """Error rows (``process_died``) for plan rows that no process could score, built in the driver."""
+    schema = scored_schema(context.spec)
+    n = len(batch["uri"])
+    errors = {"error_type": np.array([PROCESS_DIED] * n, object), "error_message": np.array([message] * n, object)}
+    data = _passthrough({**batch, **errors}, context, context.model_revision)
+    # every prediction column null: the same shape as a decode failure's row
+    return _table({**data, **{f.name: pa.nulls(n, f.type) for f in schema if f.name not in data}}, schema)
+
+
+def _passthrough(batch: dict, context: BatchContext, revision: str | None) -> dict:
+    """Every output column but the predictions: the plan's, the lineage and the error columns."""
+    n = len(batch["uri"])
+    return {
+        "uri": batch["uri"], "model": [context.model_name] * n, "model_revision": [revision] * n,
+        "run_id": [context.run_id] * n, "scored_at": [datetime.now(timezone.utc)] * n,
+        "source_size": batch["source_size"], "source_etag": batch["source_etag"],
+        "source_mtime": batch["source_mtime"],
+        **{c: batch[c] for c in ERROR_COLUMNS},
+    }
+
+
+def _table(data: dict, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pydict({f.name: _arrow(data[f.name], f.type) for f in schema}, schema=schema)
 
 
 def _lists(values: np.ndarray, null: pa.Array) -> pa.Array:

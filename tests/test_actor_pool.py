@@ -1,11 +1,15 @@
 """The scoring actor pool: batches, both decoding layouts, and the hand-over of an early pool."""
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from tasks.actor_pool import MAX_WINDOW, plan_batches, window_for
+from tasks.score import ScoringActor
 from tasks.schema import PLAN_SCHEMA, OutputSpec
 from tasks.settings import ScoreSettings
 
@@ -130,3 +134,61 @@ def test_a_staggered_pool_discarded_while_starting_is_stopped_once_up(ray_cluste
     pool = early.future.result()
     assert pool.actors == []  # the starter stopped it once it was up
     assert actor_pool._early is None
+
+
+class _DiesOnPoison(ScoringActor):
+    """A scoring process that dies (as on a decoder segfault) on any batch holding a "poison" image."""
+
+    def score_batch(self, batch, context):
+        if any("poison" in str(u) for u in batch["uri"]):
+            os._exit(1)
+        return super().score_batch(batch, context)
+
+
+def _crashing_pool(spec, monkeypatch):
+    import ray
+
+    from tasks import actor_pool
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    monkeypatch.setattr(actor_pool, "CALL_RETRIES", 0)  # fewer restarts; retries are Ray's, not ours
+    return actor_pool.ScorerPool(spec, actor_cls=_DiesOnPoison)
+
+
+def test_an_image_that_kills_its_process_becomes_an_error_row_and_the_rest_is_scored(
+        ray_cluster, tiny_checkpoint, photos, tmp_path, monkeypatch):
+    from tasks.score import BatchContext
+
+    (tmp_path / "poison.jpg").write_bytes(next(photos.iterdir()).read_bytes())
+    settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    pool = _crashing_pool(spec, monkeypatch)
+    try:
+        out = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode,
+                                                                                  model_revision="rev"), window=2)))
+    finally:
+        pool.close()
+    assert sorted(out["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # every image once
+    by_uri = {r["uri"]: r for r in out.to_pylist()}
+    poison = by_uri[f"file://{tmp_path / 'poison.jpg'}"]
+    assert poison["error_type"] == "process_died" and "died on this image" in poison["error_message"]
+    assert poison["label_ids"] is None and poison["model_revision"] == "rev"
+    others = [r for u, r in by_uri.items() if "poison" not in u]
+    assert all(r["label_ids"] is not None for r in others if r["error_type"] is None)
+    assert [r["error_type"] for r in others].count("process_died") == 0  # no neighbour blamed
+
+
+def test_processes_that_keep_dying_fail_the_run_naming_the_batch(ray_cluster, tiny_checkpoint, photos, tmp_path,
+                                                                 monkeypatch):
+    from tasks import crashes
+    from tasks.score import BatchContext
+
+    (tmp_path / "poison-a.jpg").write_bytes(next(photos.iterdir()).read_bytes())
+    (tmp_path / "poison-b.jpg").write_bytes(next(photos.iterdir()).read_bytes())
+    settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    monkeypatch.setattr(crashes, "CRASH_BUDGET", 1)
+    pool = _crashing_pool(spec, monkeypatch)
+    try:
+        with pytest.raises(crashes.ScoringProcessDied, match=r"died 2 times; the last on a batch of \d+ images"):
+            list(pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode), window=2))
+    finally:
+        pool.close()
