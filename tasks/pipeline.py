@@ -155,7 +155,7 @@ def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pool: S
     """Stream the plan's batches through the pool's actors into ``writer``."""
     decode = {"max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode,
               "storage_options": settings.storage_options}
-    context = BatchContext(run_id, ref.name, writer.spec, decode)
+    context = BatchContext(run_id, ref.name, writer.spec, decode, model_revision=ref.revision)
     cpus, _ = cluster_resources()
     window = window_for(settings.decode_cpus, cpus - settings.num_actors * placement.num_cpus, settings.num_actors,
                         pool.spec.concurrency)

@@ -10,7 +10,7 @@ import pytest
 
 from tasks.actor_pool import MAX_WINDOW, plan_batches, window_for
 from tasks.score import ScoringActor
-from tasks.schema import PLAN_SCHEMA, OutputSpec
+from tasks.schema import ERRORS_SCHEMA, PLAN_SCHEMA, OutputSpec, split_scored
 from tasks.settings import ScoreSettings
 
 
@@ -175,6 +175,8 @@ def test_an_image_that_kills_its_process_becomes_an_error_row_and_the_rest_is_sc
     others = [r for u, r in by_uri.items() if "poison" not in u]
     assert all(r["label_ids"] is not None for r in others if r["error_type"] is None)
     assert [r["error_type"] for r in others].count("process_died") == 0  # no neighbour blamed
+    _, errors = split_scored(out, OutputSpec(64))  # as the writer routes it: into the errors table
+    assert errors.schema.equals(ERRORS_SCHEMA) and "process_died" in errors["error_type"].to_pylist()
 
 
 def test_processes_that_keep_dying_fail_the_run_naming_the_batch(ray_cluster, tiny_checkpoint, photos, tmp_path,
