@@ -11,6 +11,7 @@ CPU decode workers.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -118,18 +119,19 @@ class TimmPreprocessor(Preprocessor):
         return torch.stack([self.transform(img) for img in images]).numpy().astype(np.float32, copy=False)
 
     def to_uint8(self, images: Sequence) -> np.ndarray:
-        head, _ = self._halves()
+        head, _ = self._halves
         return np.stack([np.asarray(head(img)).transpose(2, 0, 1) for img in images])
 
     def normalize(self, x):
         import torch
 
-        _, tail = self._halves()
+        _, tail = self._halves
         # what ToTensor does to 8-bit pixels, then the steps after it (Normalize)
         return tail(x.to(torch.float32).div(255))
 
+    @functools.cached_property
     def _halves(self):
-        """The transform's steps before and after its ToTensor."""
+        """The transform's steps before and after its ToTensor (built once, used every batch)."""
         from torchvision import transforms
 
         steps = list(self.transform.transforms)

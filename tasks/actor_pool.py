@@ -187,7 +187,8 @@ class ScorerPool:
                 return
             except ActorUnavailableError:  # restarting: ask again
                 if time.monotonic() > deadline:
-                    raise crashes.ScoringProcessDied(f"the scoring actor did not come back within {timeout:g} s") from None
+                    raise crashes.ScoringProcessDied(
+                        f"the scoring actor did not come back within {timeout:g} s") from None
                 time.sleep(0.5)
             except crashes.deaths() as exc:
                 raise crashes.ScoringProcessDied(f"no scoring actor could be started again: {exc}") from exc
