@@ -6,11 +6,15 @@ preprocessing) instead of float32 saves. Three measurements, one process
 each, on the same images:
 
 1. ``decode``: ``tasks.decode.decode_batch`` over the images in one thread
-   (read, decode, preprocess), float32 pixels and uint8 pixels;
+   (read, decode, preprocess), float32 pixels and uint8 pixels; and with
+   ``device_jpeg`` (``--device-decode``: read and check the headers only);
 2. ``finish``: what the actor then does to uint8 pixels on the CPU
-   (``to_model_input``: normalise), per image;
+   (``to_model_input``: normalise), per image; and to device-decode JPEGs
+   with the CPU as the device (``device_finish``: torchvision's decode and
+   resize, the work nvJPEG and the GPU take over);
 3. ``handoff``: a Ray task returns a decoded batch and an actor receives it
-   (the object store's copy and the deserialisation), per image, for both.
+   (the object store's copy and the deserialisation), per image, for both,
+   and for ``--device-decode``'s JPEG bytes (one object per image, 110 KB).
 
     python benchmarks/decode_stage.py --input /tmp/deit-throughput/images/small-1000 \\
         --model /tmp/deit-throughput/checkpoints/random-facebook--deit-tiny-distilled-patch16-224
@@ -42,32 +46,46 @@ def measure_decode(uris: list[str], model: str, batch_size: int = 64, rounds: in
     import torch
 
     from deit_model import create_preprocessor, to_model_input
-    from tasks.decode import decode_batch
+    from tasks.decode import decode_batch, device_model_input
 
     torch.set_num_threads(1)  # one core: the unit the cost model counts in
     pre = create_preprocessor(model)
     options = {"preprocessor": pre, "max_pixels": 10**9, "fast_decode": False, "storage_options": {}}
     decode_batch(_batches(uris, 4)[0], **options, uint8=True)  # warm-up: first calls load codecs
     out: dict = {"images": len(uris), "rounds": rounds, "splits_exactly": pre.splits_exactly()}
+    decoded: dict[str, list] = {}
     for _ in range(rounds):
-        for name, uint8 in (("float32", False), ("uint8", True)):
-            start, nbytes, decoded = time.perf_counter(), 0, []
+        for name, mode in (("float32", {}), ("uint8", {"uint8": True}), ("device_jpeg", {"device_jpeg": True})):
+            start, decoded[name] = time.perf_counter(), []
             for batch in _batches(uris, batch_size):
-                result = decode_batch(batch, **options, uint8=uint8)
-                nbytes += result["pixel_values"].nbytes
-                decoded.append(result["pixel_values"])
+                decoded[name].append(decode_batch(batch, **options, **mode))
             ms = 1000 * (time.perf_counter() - start) / len(uris)
             best = out.get(name, {}).get("ms_per_image", ms)
-            out[name] = {"ms_per_image": min(ms, best), "bytes_per_image": nbytes // len(uris)}
-    start = time.perf_counter()
-    for pixels in decoded:  # the last loop's: uint8
-        to_model_input(pixels, pre, torch.device("cpu"))
-    out["finish_ms_per_image"] = 1000 * (time.perf_counter() - start) / len(uris)
+            out[name] = {"ms_per_image": min(ms, best), "bytes_per_image": _bytes(decoded[name]) // len(uris)}
+    cpu = torch.device("cpu")
+    out["finish_ms_per_image"] = _ms(lambda b: to_model_input(b["pixel_values"], pre, cpu), decoded["uint8"])
+    out["device_finish_ms_per_image"] = _ms(lambda b: device_model_input(b, pre, cpu), decoded["device_jpeg"])
     return out
 
 
-def measure_handoff(shape: tuple, batch_size: int, batches: int) -> dict:
-    """ms per image for a Ray task's batch of pixels to reach an actor, float32 and uint8.
+def _bytes(batches: list[dict]) -> int:
+    """What the decoded batches hand on: pixels, or the JPEG bytes and the other images' pixels."""
+    if "pixel_values" in batches[0]:
+        return sum(b["pixel_values"].nbytes for b in batches)
+    return sum(len(j) if j is not None else 0 for b in batches for j in b["jpeg"]) + sum(
+        p.nbytes for b in batches for p in b["pixels"] if p is not None)
+
+
+def _ms(finish, batches: list[dict]) -> float:
+    """ms per image of ``finish`` over the batches."""
+    start = time.perf_counter()
+    for batch in batches:
+        finish(batch)
+    return 1000 * (time.perf_counter() - start) / sum(len(b["uri"]) for b in batches)
+
+
+def measure_handoff(shape: tuple, batch_size: int, batches: int, jpeg_bytes: int = 110_000) -> dict:
+    """ms per image for a Ray task's batch of pixels to reach an actor, float32 and uint8, or of JPEGs.
 
     The task allocates the batch (as a decode task does), the object store
     copies it, the actor deserialises it; on one machine (shared memory).
@@ -76,18 +94,24 @@ def measure_handoff(shape: tuple, batch_size: int, batches: int) -> dict:
 
     @ray.remote(num_cpus=0.5)
     def produce(dtype: str):
+        if dtype == "jpeg":  # distinct objects, as decode_batch's jpeg column holds (no pickle memo)
+            column = np.empty(batch_size, dtype=object)
+            column[:] = [bytes(bytearray(jpeg_bytes)) for _ in range(batch_size)]
+            return {"jpeg": column}
         return {"pixel_values": np.ones((batch_size, *shape), dtype=dtype)}
 
     @ray.remote(num_cpus=0.5)
     class Consumer:
         def take(self, batch: dict) -> int:
+            if "jpeg" in batch:
+                return sum(len(j) for j in batch["jpeg"])
             return int(batch["pixel_values"][:, 0, 0, 0].sum())  # touch it: deserialised here
 
     consumer = Consumer.remote()
     ray.get(consumer.take.remote(produce.remote("uint8")))  # warm-up: workers started
     out = {}
     for _ in range(2):  # alternating, the faster of two each
-        for dtype in ("float32", "uint8"):
+        for dtype in ("float32", "uint8", "jpeg"):
             start = time.perf_counter()
             ray.get([consumer.take.remote(produce.remote(dtype)) for _ in range(batches)])
             ms = 1000 * (time.perf_counter() - start) / (batches * batch_size)

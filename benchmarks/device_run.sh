@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 6 in one device call, inside its 10-minute limit: GPU correctness
 # (benchmarks/gpu_check.py), then the throughput benchmark for DeiT-base distilled in bf16
-# (ceiling, ours and the peer at 20,000 images; the baseline, which decodes in one process, at
-# 4,000 right after) and CaiT-M36 384 (ceiling and ours). Results go to $OUT, at most 8 files:
-# hardware.txt, gpu_check.json, deit-base.md, deit-base-baseline.md, cait.md, logs.tgz (each
-# stage's log, the raw results), run.log. Each step has its own time limit (560 s in all), so a
-# slow one leaves the others' results.
+# (ceiling, ours and the peer at 20,000 images; then ours with --device-decode, nvJPEG, against
+# a ceiling of its own run; the baseline, which decodes in one process, at 4,000 right after) and
+# CaiT-M36 384 (ceiling and ours). Results go to $OUT, at most 8 files: hardware.txt,
+# gpu_check.json, deit-base.md, deit-base-device-decode.md, deit-base-baseline.md, cait.md,
+# logs.tgz (each stage's log, the raw results), run.log. Each step has its own time limit (550 s
+# in all), most important first, so a slow one leaves the others' results.
 #
 # Here, first: benchmarks/device_bundle.sh (Ray, Prefect and theirs -> .device/site.tar.xz).
 # Then, with the device tool: run(command="bash benchmarks/device_run.sh", carry=[".device"]).
@@ -39,19 +40,22 @@ bench() {  # name, seconds, throughput.py arguments...
     echo "== $name: exit $?"
 }
 echo "== gpu_check"
-timeout 100 "$py" benchmarks/gpu_check.py --device "$device" --model "$deit" "$cait" --images 16 \
+timeout 80 "$py" benchmarks/gpu_check.py --device "$device" --model "$deit" "$cait" --images 16 \
     --out "$out/gpu_check.json"
 echo "== gpu_check: exit $?"
 # word splitting of the batch-size lists is meant
 # shellcheck disable=SC2086
-bench deit-base 240 --model "$deit" --images "${DEIT_IMAGES:-20000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
+bench deit-base 190 --model "$deit" --images "${DEIT_IMAGES:-20000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
     --batch-size "${DEIT_BATCH:-128}" --skip baseline
+# JPEGs decoded on the GPU (nvJPEG) instead of by the decode tasks' PIL, with its own ceiling
+bench deit-base-device-decode 110 --model "$deit" --images "${DEIT_IMAGES:-20000}" \
+    --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip baseline peer --ours-args=--device-decode
 # the naive baseline decodes in one process, at a few hundred images/s: a smaller set, right after
 # shellcheck disable=SC2086
-bench deit-base-baseline 80 --model "$deit" --images "${BASELINE_IMAGES:-4000}" \
+bench deit-base-baseline 60 --model "$deit" --images "${BASELINE_IMAGES:-4000}" \
     --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip ceiling ours peer
 # shellcheck disable=SC2086
-bench cait 140 --model "$cait" --images "${CAIT_IMAGES:-3000}" --batch-sizes ${CAIT_BATCHES:-32 64} \
+bench cait 110 --model "$cait" --images "${CAIT_IMAGES:-3000}" --batch-sizes ${CAIT_BATCHES:-32 64} \
     --batch-size "${CAIT_BATCH:-64}" --skip baseline peer
 tar -czf "$out/logs.tgz" -C "$work" logs $(cd "$work" && ls results-*.json 2>/dev/null)
 echo "== done"

@@ -8,7 +8,12 @@ not travel there whole). For each model, on benchmark-sized images:
   (``to_model_input``) equals the CPU's whole preprocessing bit for bit;
 - fp32 on the device against fp32 on the CPU: top-1 agreement and the
   largest score difference; bf16 on the device: top-1 agreement and the
-  smallest embedding cosine.
+  smallest embedding cosine;
+- ``device_decode`` (``--device-decode``: the JPEGs decoded and resized on
+  the device, nvJPEG on CUDA): how far its pixels are from PIL's on the CPU
+  (mean and largest difference in 8-bit levels) and fp32 top-1 agreement and
+  smallest embedding cosine against the CPU. Expected to differ a little,
+  unlike ``pixels_equal``; the figures go to docs/agreement.md.
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out /tmp/gpu_check.json
 """
@@ -38,12 +43,14 @@ def _checkpoint(name: str, root: Path) -> Path:
     return create_random_checkpoint(name, out)
 
 
-def check_model(ckpt: str, pil_images: list, device: str) -> dict:
+def check_model(ckpt: str, jpegs: list[bytes], device: str) -> dict:
     """Pixels and scores on ``device`` against the CPU in fp32, for one checkpoint."""
     import torch
 
-    from deit_model import Scorer, load_preprocessor, resolve_checkpoint, to_model_input
+    from deit_model import (Scorer, decode_image, jpegs_to_model_input, load_preprocessor, resolve_checkpoint,
+                            to_model_input)
 
+    pil_images = [decode_image(j) for j in jpegs]
     pre, ref = load_preprocessor(ckpt), resolve_checkpoint(ckpt)
     cpu_pixels = pre(pil_images)
     on_device = to_model_input(pre.to_uint8(pil_images), pre, torch.device(device))
@@ -53,14 +60,33 @@ def check_model(ckpt: str, pil_images: list, device: str) -> dict:
     cpu = Scorer(ref, device="cpu", dtype="fp32").score(cpu_pixels)
     for dtype in ("fp32", "bf16"):
         scorer = Scorer(ref, device=device, dtype=dtype)
-        res = scorer.score(on_device)
-        cos = (res.embedding * cpu.embedding).sum(1) / (
-            np.linalg.norm(res.embedding, axis=1) * np.linalg.norm(cpu.embedding, axis=1))
-        out[dtype] = {"top1_agree": float((res.label_ids[:, 0] == cpu.label_ids[:, 0]).mean()),
-                      "max_score_diff": float(np.abs(res.scores - cpu.scores).max()),
-                      "min_embedding_cosine": float(cos.min())}
+        out[dtype] = _agreement(scorer.score(on_device), cpu)
         del scorer
+    try:  # its own failure must not cost the figures above (one device call is all there is)
+        decoded, refused = jpegs_to_model_input(jpegs, pre, torch.device(device))
+        std = torch.tensor(_std(pre)).view(1, -1, 1, 1)  # per channel: back to 8-bit levels
+        levels = (decoded.cpu() - torch.from_numpy(cpu_pixels)).abs() * 255 * std
+        res = Scorer(ref, device=device, dtype="fp32").score(decoded)
+        out["device_decode"] = {"refused": len(refused), "mean_level_diff": float(levels.mean()),
+                                "max_level_diff": float(levels.max()), **_agreement(res, cpu)}
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON
+        logger.exception("device decode failed")
+        out["device_decode"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
+
+
+def _std(pre) -> list[float]:
+    """The normalisation's std (pixel differences back to 8-bit levels)."""
+    d = pre.to_dict()
+    return list(d.get("image_std") or d.get("std"))
+
+
+def _agreement(res, cpu) -> dict:
+    cos = (res.embedding * cpu.embedding).sum(1) / (
+        np.linalg.norm(res.embedding, axis=1) * np.linalg.norm(cpu.embedding, axis=1))
+    return {"top1_agree": float((res.label_ids[:, 0] == cpu.label_ids[:, 0]).mean()),
+            "max_score_diff": float(np.abs(res.scores - cpu.scores).max()),
+            "min_embedding_cosine": float(cos.min())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,13 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from deit_model import decode_image
-
-    pil = [decode_image(images.render(images.KINDS["small"], seed)) for seed in range(args.images)]
+    jpegs = [images.render(images.KINDS["small"], seed) for seed in range(args.images)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.model:
-            results[name] = check_model(str(_checkpoint(name, Path(tmp))), pil, args.device)
+            results[name] = check_model(str(_checkpoint(name, Path(tmp))), jpegs, args.device)
             logger.info("%s: %s", name, json.dumps(results[name]))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -35,7 +35,8 @@ def format_block(cfg, block: dict) -> list[str]:
              f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
              + (f"decode tasks {cfg.decode_cpus:g} CPU" if cfg.decode_cpus else "decoding in the actors")
              + f"; peer {cfg.num_actors} x {cfg.peer_cpus_per_actor:g} CPU, read/preprocess tasks "
-             f"{cfg.peer_decode_cpus:g} CPU" + (", --fast-decode" if cfg.fast_decode else ""), "",
+             f"{cfg.peer_decode_cpus:g} CPU" + (", --fast-decode" if cfg.fast_decode else "")
+             + (f"; ours with `{cfg.ours_args}`" if getattr(cfg, "ours_args", "") else ""), "",
              "| stage | images | batch | img/s (steady) | start-up s | wall s | peak RSS MiB (sum) "
              "| peak PSS MiB | ours ÷ this | other work, cores |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -48,6 +48,14 @@ class Preprocessor:
         """The value steps on a uint8 tensor from :meth:`to_uint8`, on its device: float32 pixels."""
         raise NotImplementedError
 
+    def geometry(self, images: Sequence):
+        """:meth:`to_uint8` for uint8 (3, H, W) tensors, on their device (``--device-decode``).
+
+        The same steps from the same configuration; for transformers' torchvision backend the
+        same code as on PIL images, for timm torchvision's tensor resize (not PIL's).
+        """
+        raise NotImplementedError
+
     def splits_exactly(self) -> bool:
         """Whether ``normalize(to_uint8(images))`` equals ``__call__(images)`` exactly (checked once)."""
         if getattr(self, "_splits", None) is None:
@@ -82,9 +90,13 @@ class HFPreprocessor(Preprocessor):
         return out.numpy().astype(np.float32, copy=False)
 
     def to_uint8(self, images: Sequence) -> np.ndarray:
-        # the processor's own resize and crop, with its value steps switched off
+        return self.geometry(images).numpy()
+
+    def geometry(self, images: Sequence):
+        # the processor's own resize and crop, with its value steps switched off; it turns PIL
+        # images into tensors first, so tensors take the same path
         return self.processor(images=list(images), do_rescale=False, do_normalize=False,
-                              return_tensors="pt")["pixel_values"].numpy()
+                              return_tensors="pt")["pixel_values"]
 
     def normalize(self, x):
         p = self.processor  # the torchvision backend's fused rescale-and-normalise, as __call__ runs it
@@ -121,6 +133,12 @@ class TimmPreprocessor(Preprocessor):
     def to_uint8(self, images: Sequence) -> np.ndarray:
         head, _ = self._halves
         return np.stack([np.asarray(head(img)).transpose(2, 0, 1) for img in images])
+
+    def geometry(self, images: Sequence):
+        import torch
+
+        head, _ = self._halves  # Resize and CenterCrop take tensors too (antialiased, not PIL's code)
+        return torch.stack([head(t) for t in images])
 
     def normalize(self, x):
         import torch

@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from typing import Any
 
 import numpy as np
 
-from deit_model import DecodeError, Preprocessor, decode_image
+from deit_model import DecodeError, Preprocessor, decode_image, device_decodable
 from deit_model.decode import NOT_FOUND, READ_ERROR
 
 from . import storage
@@ -25,38 +26,121 @@ DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker wi
 
 def decode_batch(
     batch: dict[str, np.ndarray], *, preprocessor: Preprocessor, max_pixels: int, fast_decode: bool,
-    storage_options: dict[str, Any], uint8: bool = False,
+    storage_options: dict[str, Any], uint8: bool = False, device_jpeg: bool = False,
 ) -> dict[str, np.ndarray]:
     """Add ``decoded``, ``pixel_values``, ``error_type`` and ``error_message`` to a plan batch.
 
     ``decoded`` is the one flag the scorer trusts: an all-None ``error_type``
     column comes back from Arrow as NaN, not None. With ``uint8``, pixels
     stop before the value steps (:meth:`Preprocessor.to_uint8`) where that is
-    exact, and the scorer finishes them on its device.
+    exact, and the scorer finishes them on its device. With ``device_jpeg``
+    (which implies ``uint8``) the JPEGs :func:`device_decodable` accepts are
+    not decoded here: per-row object columns ``jpeg`` (their bytes) and
+    ``pixels`` (the others' uint8 pixels) replace ``pixel_values``, and
+    :func:`device_model_input` finishes them on the scorer's device.
     """
+    if device_jpeg and not preprocessor.splits_exactly():
+        _warn_once("--device-decode needs the preprocessing in two exact halves, and this checkpoint's "
+                   "does not split: its images are decoded by PIL instead")
+        device_jpeg = False
+    half = (uint8 or device_jpeg) and preprocessor.splits_exactly()
     draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
     n = len(uris)
     errors: list[tuple[str, str] | None] = [None] * n
     images: dict[int, Any] = {}
+    jpeg = np.full(n, None, dtype=object)
     for i, data in enumerate(_read(uris, storage_options)):
         if isinstance(data, OSError):
             kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
             errors[i] = (kind, str(data))
-            continue
-        try:
-            images[i] = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
-        except DecodeError as exc:
-            errors[i] = (exc.error_type, str(exc))
-    half = uint8 and preprocessor.splits_exactly()
-    pixels = np.zeros((n, *_input_shape(preprocessor)), dtype=np.uint8 if half else np.float32)
-    _preprocess_into(pixels, images, preprocessor.to_uint8 if half else preprocessor, errors)
+        elif device_jpeg and device_decodable(data, max_pixels):
+            jpeg[i] = data
+        else:
+            images[i], errors[i] = _decode_one(data, max_pixels, draft_side)
+    rows = [i for i in images if errors[i] is None]
+    dense = np.zeros((len(rows), *_input_shape(preprocessor)), dtype=np.uint8 if half else np.float32)
+    _preprocess_into(dense, [images[i] for i in rows], rows, preprocessor.to_uint8 if half else preprocessor, errors)
     out = dict(batch)
+    if device_jpeg:
+        out["jpeg"], out["pixels"] = jpeg, np.full(n, None, dtype=object)
+        for j, i in enumerate(rows):
+            out["pixels"][i] = dense[j] if errors[i] is None else None
+    else:
+        out["pixel_values"] = np.zeros((n, *dense.shape[1:]), dtype=dense.dtype)
+        out["pixel_values"][rows] = dense
     out["decoded"] = np.array([e is None for e in errors], dtype=bool)
-    out["pixel_values"] = pixels
     out["error_type"] = np.array([e[0] if e else None for e in errors], dtype=object)
     out["error_message"] = np.array([e[1] if e else None for e in errors], dtype=object)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def _decode_one(data: bytes, max_pixels: int, draft_side: int | None) -> tuple[Any, tuple[str, str] | None]:
+    """(image, None), or (None, (error_type, message))."""
+    try:
+        return decode_image(data, max_pixels=max_pixels, draft_side=draft_side), None
+    except DecodeError as exc:
+        return None, (exc.error_type, str(exc))
+
+
+def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor, device) -> tuple[dict, Any]:
+    """The model input of a ``device_jpeg`` batch, on ``device``, and the batch with its final errors.
+
+    Its JPEGs are decoded and preprocessed on the device, its other rows'
+    uint8 pixels normalised there; an image the device decoder refuses is
+    decoded by PIL here instead, and an error row if PIL fails too. Returns
+    ``(batch, x)``: x holds one row per ``batch["decoded"]`` row, in order
+    (None when there is none).
+    """
+    import torch
+
+    from deit_model import jpegs_to_model_input, to_model_input
+
+    ok = np.asarray(batch["decoded"], dtype=bool)
+    jpeg, pixels = batch["jpeg"], batch["pixels"].copy()
+    on_device = [i for i in np.flatnonzero(ok) if jpeg[i] is not None]
+    x_dev, refused = jpegs_to_model_input([jpeg[i] for i in on_device], preprocessor, device)
+    if refused:
+        batch = _decode_refused(batch, pixels, [on_device[j] for j in refused], preprocessor)
+        ok = batch["decoded"]
+        on_device = [i for j, i in enumerate(on_device) if j not in frozenset(refused)]
+    rows = np.flatnonzero(ok)
+    if not len(rows):
+        return batch, None
+    x = torch.empty((len(rows), *_input_shape(preprocessor)), dtype=torch.float32, device=device)
+    where = {row: k for k, row in enumerate(rows)}
+    if on_device:
+        x[[where[i] for i in on_device]] = x_dev
+    on_cpu = [i for i in rows if pixels[i] is not None]
+    if on_cpu:
+        x[[where[i] for i in on_cpu]] = to_model_input(np.stack([pixels[i] for i in on_cpu]), preprocessor, device)
+    return batch, x
+
+
+def _decode_refused(batch: dict, pixels: np.ndarray, refused: list[int], preprocessor: Preprocessor) -> dict:
+    """PIL for the JPEGs the device decoder refused: their uint8 pixels into ``pixels``, or error rows."""
+    batch = {**batch, "decoded": np.array(batch["decoded"], dtype=bool),
+             "error_type": np.array(batch["error_type"], dtype=object),
+             "error_message": np.array(batch["error_message"], dtype=object)}
+    errors: list = [None] * len(batch["uri"])
+    # the pixel limit was checked on the headers (device_decodable): no second limit here
+    decoded = {i: _decode_one(batch["jpeg"][i], sys.maxsize, None) for i in refused}
+    for i, (_, err) in decoded.items():
+        errors[i] = err
+    rows = [i for i in refused if errors[i] is None]
+    dense = np.zeros((len(rows), *_input_shape(preprocessor)), dtype=np.uint8)
+    _preprocess_into(dense, [decoded[i][0] for i in rows], rows, preprocessor.to_uint8, errors)
+    for j, i in enumerate(rows):
+        pixels[i] = dense[j] if errors[i] is None else None
+    for i in refused:
+        if errors[i] is not None:
+            batch["decoded"][i], (batch["error_type"][i], batch["error_message"][i]) = False, errors[i]
+    return batch
 
 
 def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSError]:
@@ -78,20 +162,20 @@ def _input_shape(preprocessor: Preprocessor) -> tuple:
     return _SHAPES[key]
 
 
-def _preprocess_into(pixels: np.ndarray, images: dict[int, Any], preprocess, errors: list) -> None:
+def _preprocess_into(pixels: np.ndarray, images: list, rows: list[int], preprocess, errors: list) -> None:
+    """``pixels[j] = preprocess(images[j])``; a failure becomes the error of row ``rows[j]``."""
     if not images:
         return
-    idx = list(images)
     try:
-        pixels[idx] = preprocess([images[i] for i in idx])
+        pixels[:] = preprocess(images)
         return
     except Exception:  # noqa: BLE001 - isolate the image that broke the batch
         logger.debug("batched preprocessing failed; retrying image by image", exc_info=True)
-    for i in idx:
+    for j, (row, image) in enumerate(zip(rows, images)):
         try:
-            pixels[i] = preprocess([images[i]])[0]
+            pixels[j] = preprocess([image])[0]
         except Exception as exc:  # noqa: BLE001 - becomes this row's error
-            errors[i] = ("preprocess_error", f"{type(exc).__name__}: {exc}")
+            errors[row] = ("preprocess_error", f"{type(exc).__name__}: {exc}")
 
 
 def decode_task_for(num_cpus: float):

@@ -154,7 +154,7 @@ def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pool: S
             run_id: str, placement: Placement, planned: int | None, failed_before: int, on_progress) -> None:
     """Stream the plan's batches through the pool's actors into ``writer``."""
     decode = {"max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode,
-              "storage_options": settings.storage_options}
+              "device_jpeg": settings.device_decode, "storage_options": settings.storage_options}
     context = BatchContext(run_id, ref.name, writer.spec, decode, model_revision=ref.revision)
     cpus, _ = cluster_resources()
     window = window_for(settings.decode_cpus, cpus - settings.num_actors * placement.num_cpus, settings.num_actors,
@@ -258,7 +258,8 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
     def open_writer(preprocessing: dict) -> DatasetWriter:
         metadata = {"model": ref.name, "model_revision": ref.revision or "",
                     "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str),
-                    "fast_decode": str(settings.fast_decode).lower()}
+                    "fast_decode": str(settings.fast_decode).lower(),
+                    "device_decode": str(settings.device_decode).lower()}
         return DatasetWriter(run.staging_dir, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
                              spec=spec, rows_per_file=settings.rows_per_file,
                              checkpoint_seconds=settings.checkpoint_seconds,

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 # parameters that define what a run computes: a resume must not change them
 IDENTITY = ("input", "output", "model", "revision", "top_k", "token_features", "embedding_dtype",
-            "fast_decode", "force", "only_failed", "include", "exclude", "modified_after",
+            "fast_decode", "device_decode", "force", "only_failed", "include", "exclude", "modified_after",
             "modified_before", "limit", "dtype", "max_pixels")
 
 
@@ -67,7 +67,9 @@ def new_run(settings: ScoreSettings, now: datetime | None = None) -> RunInfo:
 
 def resumed_run(settings: ScoreSettings, previous) -> RunInfo:
     """The RunInfo of an unfinished run being resumed; its parameters must not differ."""
-    changed = [k for k in IDENTITY if str(previous.parameters.get(k)) != str(getattr(settings, k))]
+    # a parameter newer than the run's manifest had its default then
+    changed = [k for k in IDENTITY if str(previous.parameters.get(k, ScoreSettings.model_fields[k].default))
+               != str(getattr(settings, k))]
     if changed:
         raise ValueError(
             f"run {previous.run_id} was started with different {', '.join(changed)}; rerun it with its "

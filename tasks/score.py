@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from .decode import decode_batch
+from .decode import decode_batch, device_model_input
 from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
 
 logger = logging.getLogger(__name__)
@@ -68,21 +68,30 @@ class ScoringActor:
         schema = self._schemas.get(spec)
         if schema is None:  # one per run's output spec, built once
             schema = self._schemas[spec] = scored_schema(spec)
-        ok = np.asarray(batch["decoded"], dtype=bool)
-        cols = self._prediction_columns(batch["pixel_values"], ok, spec)
+        batch, x = self._model_input(batch)
+        cols = self._prediction_columns(x, np.asarray(batch["decoded"], dtype=bool), spec)
         return _table({**_passthrough(batch, context, self.scorer.ref.revision), **cols}, schema)
 
-    def _prediction_columns(self, pixels: np.ndarray, ok: np.ndarray, spec: OutputSpec) -> dict[str, pa.Array]:
-        """Score the decodable rows; error rows get nulls in every prediction column."""
+    def _model_input(self, batch: dict[str, np.ndarray]):
+        """(batch, the decoded rows' float32 pixels on the model's device, or None if there are none)."""
+        device = self.scorer.device
+        if "jpeg" in batch:  # decode_batch(device_jpeg=True): JPEGs decoded here, on the device
+            return device_model_input(batch, self.preprocessor, device)
+        ok = np.asarray(batch["decoded"], dtype=bool)
+        if not ok.any():
+            return batch, None
+        from deit_model import to_model_input  # here: the driver imports this module without torch
+
+        return batch, to_model_input(batch["pixel_values"][ok], self.preprocessor, device)
+
+    def _prediction_columns(self, x, ok: np.ndarray, spec: OutputSpec) -> dict[str, pa.Array]:
+        """Score the decodable rows (model input ``x``); error rows get nulls in every prediction column."""
         n, k, dim = len(ok), self.scorer.top_k, spec.embedding_dim
         ids, scores = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
         emb, feats = np.zeros((n, dim), np.float32), None
         labels: list = [None] * n
-        if ok.any():
+        if x is not None:
             rows = np.flatnonzero(ok)
-            from deit_model import to_model_input  # here: the driver imports this module without torch
-
-            x = to_model_input(pixels[ok], self.preprocessor, self.scorer.device)
             with self._model_lock:
                 result = self.scorer.score(x, token_features=spec.token_features)
             ids[rows], scores[rows], emb[rows] = result.label_ids, result.scores, result.embedding

@@ -12,7 +12,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = "facebook/deit-base-distilled-patch16-224"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -69,6 +69,9 @@ class ScoreSettings(BaseModel):
         "float32", description="storage type of embeddings (and token features); float16 halves their size")
     fast_decode: bool = Field(
         False, description="decode JPEGs at reduced scale (DCT domain); faster, changes pixels slightly")
+    device_decode: bool = Field(
+        False, description="decode plain JPEGs on the scoring device (nvJPEG on a GPU) instead of with PIL on CPU "
+                           "workers; for GPUs that CPU decoding cannot keep busy; changes pixels slightly")
     max_pixels: int = Field(178_956_970, ge=1, description="images with more pixels are rejected as too large")
     rows_per_file: int = Field(50_000, ge=1, description="rows per Parquet file before a new file is started")
     storage_options: dict[str, Any] = Field(
@@ -90,6 +93,12 @@ class ScoreSettings(BaseModel):
         if v is not None and not _RUN_ID.fullmatch(v):
             raise ValueError("use letters, digits, '.', '_' and '-' (at most 128)")
         return v
+
+    @model_validator(mode="after")
+    def _one_decode_shortcut(self) -> "ScoreSettings":
+        if self.fast_decode and self.device_decode:
+            raise ValueError("fast_decode and device_decode are alternative ways to decode faster: choose one")
+        return self
 
     def resolved_ray_address(self) -> Optional[str]:
         """The Ray address to connect to: the setting, else ``RAY_ADDRESS``."""

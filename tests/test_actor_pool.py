@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,8 @@ from tasks.actor_pool import MAX_WINDOW, plan_batches, window_for
 from tasks.score import ScoringActor
 from tasks.schema import ERRORS_SCHEMA, PLAN_SCHEMA, OutputSpec, split_scored
 from tasks.settings import ScoreSettings
+
+from .test_device_decode import bad_huffman
 
 
 def test_plan_batches_cover_the_plan_once_as_numpy():
@@ -54,6 +57,7 @@ def _setup(tiny_checkpoint, photos, tmp_path, **kw):
     from tasks.actor_pool import pool_spec
 
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "bad-huffman.jpg").write_bytes(bad_huffman((photos / "china.jpg").read_bytes()))
     for p in photos.iterdir():
         (tmp_path / p.name).write_bytes(p.read_bytes())
     settings = ScoreSettings(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tiny_checkpoint),
@@ -66,7 +70,8 @@ def _setup(tiny_checkpoint, photos, tmp_path, **kw):
 
 def test_both_layouts_score_the_same_rows(ray_cluster, tiny_checkpoint, photos, tmp_path):
     """Actors that decode, or decode tasks (8-bit pixels) feeding a GPU-style actor that runs two
-    calls at once and normalises them: the same rows, each image once."""
+    calls at once and normalises them: the same rows, each image once. And so with device
+    decoding (the "device" here is the CPU: exact for a transformers checkpoint), in both layouts."""
     from tasks.actor_pool import ScorerPool
     from tasks.score import BatchContext
 
@@ -78,13 +83,20 @@ def test_both_layouts_score_the_same_rows(ray_cluster, tiny_checkpoint, photos, 
         assert pool.preprocessing()["library"] == "transformers"  # the actors' own, for lineage
         fused = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), context, window=2)))
         apart = pa.concat_tables(list(threaded.imap(plan_batches(plan, 4), context, window=3, decode_cpus=0.5)))
+        on_device = replace(context, decode={**decode, "device_jpeg": True})
+        device_fused = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), on_device, window=2)))
+        device_apart = pa.concat_tables(list(threaded.imap(plan_batches(plan, 4), on_device, window=3,
+                                                            decode_cpus=0.5)))
     finally:
         pool.close()
         threaded.close()
     assert sorted(apart["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # each once, any order
     by_uri = [("uri", "ascending")]
-    assert apart.sort_by(by_uri).drop(["scored_at"]).equals(fused.sort_by(by_uri).drop(["scored_at"]))
+    expected = fused.sort_by(by_uri).drop(["scored_at"])
+    for table in (apart, device_fused, device_apart):
+        assert table.sort_by(by_uri).drop(["scored_at"]).equals(expected)
     assert apart["error_type"].to_pylist().count("not_an_image") == 1
+    assert apart["error_type"].to_pylist().count("corrupt_image") == 1  # bad-huffman.jpg, refused by both decoders
 
 
 def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_checkpoint, photos, tmp_path):

@@ -158,6 +158,10 @@ def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
     assert out["images"] == len(uris) and out["splits_exactly"] is True
     assert out["float32"]["bytes_per_image"] == 3 * 224 * 224 * 4 == 4 * out["uint8"]["bytes_per_image"]
     assert out["float32"]["ms_per_image"] > 0 and out["uint8"]["ms_per_image"] > 0 and out["finish_ms_per_image"] > 0
+    # --device-decode: the JPEGs' own bytes go on, the PNGs as uint8 pixels
+    jpegs = [p for p in photos.iterdir() if p.suffix == ".jpg"]
+    sent = sum(p.stat().st_size for p in jpegs) + (len(uris) - len(jpegs)) * out["uint8"]["bytes_per_image"]
+    assert out["device_jpeg"]["bytes_per_image"] == sent // len(uris) and out["device_finish_ms_per_image"] > 0
 
 
 def test_ours_runs_as_a_module_where_the_command_is_not_installed(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ def test_help_lists_every_setting(capsys):
         (["run", "--output", "y"], "--input"),
         (["run", "--input", "x", "--output", "y", "--dtype", "int8"], "invalid choice"),
         (["run", "--input", "x", "--output", "y", "--storage-options", "[1]"], "JSON object"),
+        (["run", "--input", "x", "--output", "y", "--fast-decode", "--device-decode"], "choose one"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, expected):

@@ -107,9 +107,10 @@ def test_s3_input_and_output_end_to_end(ray_cluster, prefect_harness, tiny_check
     opts = {"endpoint_url": s3_server}
     inp, out = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/scores"
     # decode_cpus=0: the actor reads from S3 and decodes itself (the CPU layout); the local test
-    # above covers separate decode tasks, so both paths meet the same reference checks
+    # above covers separate decode tasks, so both paths meet the same reference checks. With
+    # --device-decode the actor's torchvision decodes the JPEGs (exact on a CPU for this checkpoint)
     summary = _run_flow(input=inp, output=out, model=str(tiny_checkpoint), top_k=TOP_K, batch_size=8,
-                        cpus_per_actor=1, decode_cpus=0, storage_options=opts)
+                        cpus_per_actor=1, decode_cpus=0, storage_options=opts, device_decode=True)
     listed = [o.uri for o in list_images(inp, opts)]
     assert summary.listed == len(listed) > 10
 
@@ -126,6 +127,8 @@ def test_s3_input_and_output_end_to_end(ray_cluster, prefect_harness, tiny_check
                 "hive_partitioning=true)").fetchone()[0]
     assert n == preds.num_rows
     assert all(f.startswith("s3://") for f in summary.files)
+    footer = ds.dataset(f"{s3_bucket}/scores/predictions", filesystem=s3fs_client, partitioning="hive").schema.metadata
+    assert footer[b"deit_scoring.device_decode"] == b"true" and footer[b"deit_scoring.fast_decode"] == b"false"
 
 
 def test_empty_input_completes_with_nothing_written(ray_cluster, prefect_harness, tiny_checkpoint, tmp_path):

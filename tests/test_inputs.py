@@ -109,3 +109,18 @@ def test_latest_view_prefers_the_newest_commit(tmp_path):
     view = {r["uri"]: (r["status"], r["run_id"]) for r in latest(str(out)).to_pylist()}
     assert view == {"a": ("scored", "r2"), "b": ("failed", "r1"), "c": ("scored", "r2")}
     assert ERRORS_SCHEMA.field("failed_at")
+
+
+def test_a_resume_compares_what_the_run_computes_and_defaults_what_its_manifest_predates():
+    from types import SimpleNamespace
+
+    from tasks.plan import resumed_run
+
+    settings = ScoreSettings(input="in", output="o", top_k=3)
+    recorded = {k: v for k, v in settings.model_dump().items() if k != "device_decode"}  # an older manifest
+    previous = SimpleNamespace(run_id="r1", run_date="2026-11-30", started_at="t", parameters=recorded)
+    assert resumed_run(settings, previous).run_id == "r1"
+    with pytest.raises(ValueError, match="different device_decode"):
+        resumed_run(settings.model_copy(update={"device_decode": True}), previous)
+    with pytest.raises(ValueError, match="different top_k"):
+        resumed_run(settings.model_copy(update={"top_k": 5}), previous)

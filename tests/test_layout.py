@@ -85,13 +85,14 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
     assert fused["label_ids"].null_count == 1
 
 
-def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint, photos):
-    """Halves that differ from the whole by one rounding are not used: pixels stay float32."""
+def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint, photos, caplog):
+    """Halves that differ from the whole by one rounding are not used: pixels stay float32, and
+    --device-decode, which needs the halves, decodes with PIL instead and says so."""
     import numpy as np
     from PIL import Image
 
     from deit_model import load_preprocessor
-    from tasks.decode import decode_batch
+    from tasks.decode import _warn_once, decode_batch
 
     pre = load_preprocessor(str(tiny_checkpoint))
     normalize = pre.normalize
@@ -99,9 +100,13 @@ def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint
     assert not pre.splits_exactly()
     paths = sorted(photos.glob("*"))[:2]
     plan = {"uri": np.array([f"file://{p}" for p in paths], object)}
-    out = decode_batch(plan, preprocessor=pre, max_pixels=10**8, fast_decode=False, storage_options={}, uint8=True)
-    assert out["pixel_values"].dtype == np.float32 and out["decoded"].all()
-    np.testing.assert_array_equal(out["pixel_values"], pre([Image.open(p).convert("RGB") for p in paths]))
+    whole = pre([Image.open(p).convert("RGB") for p in paths])
+    _warn_once.cache_clear()  # warned once per process: this test must see it
+    for mode in ({"uint8": True}, {"device_jpeg": True}):
+        out = decode_batch(plan, preprocessor=pre, max_pixels=10**8, fast_decode=False, storage_options={}, **mode)
+        assert out["pixel_values"].dtype == np.float32 and out["decoded"].all() and "jpeg" not in out
+        np.testing.assert_array_equal(out["pixel_values"], whole)
+    assert "decoded by PIL instead" in caplog.text
 
 
 def test_split_scored_routes_rows():

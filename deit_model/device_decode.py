@@ -1,0 +1,54 @@
+"""JPEGs decoded on the model's device, for ``--device-decode``.
+
+On CUDA, torchvision's batched ``decode_jpeg`` runs nvJPEG: decoding moves off the
+CPU cores, which at a GPU's rate cannot keep up (docs/scale.md). Only JPEGs that
+:func:`~deit_model.decode.device_decodable` accepts come here; the device's pixels
+may differ from PIL's by a few levels (docs/agreement.md), which is why it is
+opt-in. A JPEG the device decoder refuses is reported back, to be decoded by PIL.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from .preprocess import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+
+def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG bytes -> uint8 (3, H, W) RGB tensors on ``device``; None where the decoder refused one."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    # bytearray: a writable copy (torch warns on read-only buffers); the decoder copies it anyway
+    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad image fails the whole batched call: find it
+        logger.debug("batched device decode failed; decoding one by one", exc_info=True)
+    out: list[torch.Tensor | None] = []
+    for r in raw:
+        try:
+            out.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as exc:
+            logger.info("device JPEG decoder refused an image (%s); PIL decodes it", exc)
+            out.append(None)
+    return out
+
+
+def jpegs_to_model_input(datas: Sequence[bytes], preprocessor: Preprocessor,
+                         device: torch.device) -> tuple[torch.Tensor | None, list[int]]:
+    """Decode and preprocess JPEGs on ``device``: (float32 model input, indices of refused images).
+
+    The input has a row per decoded image, in order, or is None when none decoded.
+    """
+    decoded = decode_jpegs(datas, device)
+    refused = [i for i, t in enumerate(decoded) if t is None]
+    good = [t for t in decoded if t is not None]
+    if not good:
+        return None, refused
+    return preprocessor.normalize(preprocessor.geometry(good)), refused
