@@ -184,7 +184,8 @@ def decode_task_for(num_cpus: float):
 
     # The memory reservation keeps Ray from packing too many decode tasks onto a
     # node: a batch of 12 MP photos holds hundreds of MB while decoding.
-    return ray.remote(_decode).options(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)
+    # a remote function, not .options()' wrapper: a suspect batch's task takes options again (no retries)
+    return ray.remote(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)(_decode)
 
 
 def _decode(batch: dict, options: dict) -> dict:

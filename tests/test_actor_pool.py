@@ -206,3 +206,42 @@ def test_processes_that_keep_dying_fail_the_run_naming_the_batch(ray_cluster, ti
             list(pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode), window=2))
     finally:
         pool.close()
+
+
+def _decode_dies_on_poison(batch, options):
+    """A decode task that dies (as PIL segfaulting on one image would) on a batch holding a poison image."""
+    from tasks.decode import _decode
+
+    if any("poison" in str(u) for u in batch["uri"]):
+        os._exit(1)
+    return _decode(batch, options)
+
+
+def test_a_decode_task_that_dies_is_isolated_as_an_actor_death_is(ray_cluster, tiny_checkpoint, photos, tmp_path,
+                                                                  monkeypatch):
+    """With decode tasks the process that dies may be the task's, not the actor's: the call then fails with
+    the task's WorkerCrashedError, and the same isolation finds the image."""
+    import ray
+
+    from tasks import actor_pool
+    from tasks.score import BatchContext
+
+    (tmp_path / "poison.jpg").write_bytes((photos / "china.jpg").read_bytes())
+    settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # no retries of the dying task either: fewer worker restarts (each imports the model libraries)
+    real = actor_pool.decode_task_for(0.5)
+    assert real.options(max_retries=0) is not None  # the suspect's call: options apply again
+    monkeypatch.setattr(actor_pool, "decode_task_for", lambda cpus: ray.remote(num_cpus=cpus, max_retries=0)(
+        _decode_dies_on_poison))
+    monkeypatch.setattr(actor_pool, "CALL_RETRIES", 0)
+    pool = actor_pool.ScorerPool(spec)
+    try:
+        out = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode),
+                                              window=2, decode_cpus=0.5)))
+    finally:
+        pool.close()
+    assert sorted(out["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # every image once
+    died = [r["uri"] for r in out.to_pylist() if r["error_type"] == "process_died"]
+    assert died == [f"file://{tmp_path / 'poison.jpg'}"]  # that image alone, no neighbour blamed
+    assert out.filter(pa.compute.is_null(out["error_type"])).num_rows == len(list(photos.iterdir()))
