@@ -112,6 +112,8 @@ def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor,
     rows = np.flatnonzero(ok)
     if not len(rows):
         return batch, None
+    if len(on_device) == len(rows):  # the usual batch: all JPEGs, already in order
+        return batch, x_dev
     x = torch.empty((len(rows), *_input_shape(preprocessor)), dtype=torch.float32, device=device)
     where = {row: k for k, row in enumerate(rows)}
     if on_device:

@@ -98,10 +98,14 @@ def test_timm_checkpoints_get_pixels_within_a_few_levels(photos, tmp_path):
     assert sum(on_cpu) == 6 and torch.equal(x[on_cpu], ref[on_cpu])  # what PIL decoded: the same as ever
 
 
-def test_a_batch_with_nothing_for_the_device_or_nothing_at_all(photos, tmp_path):
+def test_batches_all_for_the_device_none_for_it_or_nothing_at_all(photos, tmp_path):
     pre = load_preprocessor(str(create_random_checkpoint(
         "facebook/deit-tiny-distilled-patch16-224", tmp_path / "c", **TINY_OVERRIDES)))
     options = dict(preprocessor=pre, max_pixels=10**9, fast_decode=False, storage_options={}, device_jpeg=True)
+    jpegs = {"uri": np.array([str(photos / n) for n in ("rocket.jpg", "china.jpg")], dtype=object)}
+    out, x = device_model_input(decode_batch(jpegs, **options), pre, torch.device("cpu"))
+    ref = decode_batch(jpegs, **{**options, "device_jpeg": False})["pixel_values"]
+    assert torch.equal(x, torch.from_numpy(ref))  # in the batch's order
     pngs = {"uri": np.array([str(photos / "coffee.png")], dtype=object)}
     out, x = device_model_input(decode_batch(pngs, **options), pre, torch.device("cpu"))
     assert x.shape == (1, 3, 224, 224) and out["decoded"].all()
