@@ -12,7 +12,8 @@ not travel there whole). For each model, on benchmark-sized images:
 - ``device_decode`` (``--device-decode``: the JPEGs decoded and resized on
   the device, nvJPEG on CUDA): how far its pixels are from PIL's on the CPU
   (mean and largest difference in 8-bit levels) and fp32 top-1 agreement and
-  smallest embedding cosine against the CPU. Expected to differ a little,
+  smallest embedding cosine against the CPU; and its rate (``img_per_s``:
+  decode, resize and normalise of batches of 128, the model not included). Expected to differ a little,
   unlike ``pixels_equal``; the figures go to docs/agreement.md.
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out /tmp/gpu_check.json
@@ -68,11 +69,32 @@ def check_model(ckpt: str, jpegs: list[bytes], device: str) -> dict:
         levels = (decoded.cpu() - torch.from_numpy(cpu_pixels)).abs() * 255 * std
         res = Scorer(ref, device=device, dtype="fp32").score(decoded)
         out["device_decode"] = {"refused": len(refused), "mean_level_diff": float(levels.mean()),
-                                "max_level_diff": float(levels.max()), **_agreement(res, cpu)}
+                                "max_level_diff": float(levels.max()), **_agreement(res, cpu),
+                                "img_per_s": _decode_rate(jpegs, pre, torch.device(device))}
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON
         logger.exception("device decode failed")
         out["device_decode"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
+
+
+def _decode_rate(jpegs: list[bytes], pre, device, batch: int = 128, rounds: int = 3) -> float:
+    """Images per second of decode + resize + normalise on ``device``, batches of ``batch`` (best round)."""
+    import time
+
+    import torch
+
+    from deit_model import jpegs_to_model_input
+
+    data = (jpegs * (batch // len(jpegs) + 1))[:batch]
+    best = float("inf")
+    for i in range(rounds + 1):
+        start = time.perf_counter()
+        jpegs_to_model_input(data, pre, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first call warms up (nvJPEG's handles, the kernels): not counted
+            best = min(best, time.perf_counter() - start)
+    return batch / best
 
 
 def _std(pre) -> list[float]:
@@ -104,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.model:
             results[name] = check_model(str(_checkpoint(name, Path(tmp))), jpegs, args.device)
             logger.info("%s: %s", name, json.dumps(results[name]))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+            if args.out:  # after each model: a time limit that stops the next keeps this one's
+                Path(args.out).write_text(json.dumps(results, indent=2))
     exact = all(r["pixels_equal"] for r in results.values())
     return 0 if exact else 1
 

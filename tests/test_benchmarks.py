@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode_stage  # noqa: E402
+import gpu_check  # noqa: E402
 import images  # noqa: E402
 import procmem  # noqa: E402
 import report  # noqa: E402
@@ -174,3 +175,13 @@ def test_ours_runs_as_a_module_where_the_command_is_not_installed(tmp_path, monk
     run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0 and "--decode-cpus" in run.stdout
+
+
+def test_gpu_check_compares_a_device_with_the_cpu(tiny_checkpoint):
+    """The GPU session's first step, with the CPU as the device: everything equal, and a decode rate."""
+    jpegs = [images.render(images.KINDS["small"], seed) for seed in range(2)]
+    out = gpu_check.check_model(str(tiny_checkpoint), jpegs, "cpu")
+    assert out["splits_exactly"] and out["pixels_equal"] and out["fp32"]["max_score_diff"] == 0
+    assert out["bf16"]["top1_agree"] >= 0.5 and out["bf16"]["min_embedding_cosine"] > 0.999
+    dev = out["device_decode"]
+    assert dev["refused"] == 0 and dev["max_level_diff"] == 0 and dev["top1_agree"] == 1 and dev["img_per_s"] > 0
