@@ -14,7 +14,7 @@ each, on the same images:
    resize, the work nvJPEG and the GPU take over);
 3. ``handoff``: a Ray task returns a decoded batch and an actor receives it
    (the object store's copy and the deserialisation), per image, for both,
-   and for ``--device-decode``'s JPEG bytes (one object per image, 110 KB).
+   and for ``--device-decode``'s JPEG bytes (110 KB per image, packed).
 
     python benchmarks/decode_stage.py --input /tmp/deit-throughput/images/small-1000 \\
         --model /tmp/deit-throughput/checkpoints/random-facebook--deit-tiny-distilled-patch16-224
@@ -72,7 +72,7 @@ def _bytes(batches: list[dict]) -> int:
     """What the decoded batches hand on: pixels, or the JPEG bytes and the other images' pixels."""
     if "pixel_values" in batches[0]:
         return sum(b["pixel_values"].nbytes for b in batches)
-    return sum(len(j) if j is not None else 0 for b in batches for j in b["jpeg"]) + sum(
+    return sum(b["jpeg_data"].nbytes + b["jpeg_offsets"].nbytes for b in batches) + sum(
         p.nbytes for b in batches for p in b["pixels"] if p is not None)
 
 
@@ -94,17 +94,16 @@ def measure_handoff(shape: tuple, batch_size: int, batches: int, jpeg_bytes: int
 
     @ray.remote(num_cpus=0.5)
     def produce(dtype: str):
-        if dtype == "jpeg":  # distinct objects, as decode_batch's jpeg column holds (no pickle memo)
-            column = np.empty(batch_size, dtype=object)
-            column[:] = [bytes(bytearray(jpeg_bytes)) for _ in range(batch_size)]
-            return {"jpeg": column}
+        if dtype == "jpeg":  # as decode_batch packs them: one buffer and the offsets
+            return {"jpeg_data": np.ones(batch_size * jpeg_bytes, dtype=np.uint8),
+                    "jpeg_offsets": np.arange(batch_size + 1, dtype=np.int64) * jpeg_bytes}
         return {"pixel_values": np.ones((batch_size, *shape), dtype=dtype)}
 
     @ray.remote(num_cpus=0.5)
     class Consumer:
         def take(self, batch: dict) -> int:
-            if "jpeg" in batch:
-                return sum(len(j) for j in batch["jpeg"])
+            if "jpeg_data" in batch:  # touch every image's first byte
+                return int(batch["jpeg_data"][batch["jpeg_offsets"][:-1]].sum())
             return int(batch["pixel_values"][:, 0, 0, 0].sum())  # touch it: deserialised here
 
     consumer = Consumer.remote()

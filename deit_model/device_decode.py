@@ -9,23 +9,29 @@ opt-in. A JPEG the device decoder refuses is reported back, to be decoded by PIL
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
 
+# The decoder only reads its input, which here is often a read-only view of Ray's object
+# store: torch's warning about non-writable arrays says nothing to act on (this module only).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__.replace(".", r"\."))
 
-def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """JPEG bytes -> uint8 (3, H, W) RGB tensors on ``device``; None where the decoder refused one."""
+
+def decode_jpegs(datas: Sequence[bytes | np.ndarray], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG bytes (or uint8 arrays) -> uint8 (3, H, W) RGB tensors on ``device``; None where refused."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not datas:
         return []
-    # bytearray: a writable copy (torch warns on read-only buffers); the decoder copies it anyway
-    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    raw = [torch.from_numpy(np.frombuffer(d, dtype=np.uint8) if isinstance(d, bytes) else d) for d in datas]
     try:
         return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # one bad image fails the whole batched call: find it
@@ -40,7 +46,7 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
     return out
 
 
-def jpegs_to_model_input(datas: Sequence[bytes], preprocessor: Preprocessor,
+def jpegs_to_model_input(datas: Sequence[bytes | np.ndarray], preprocessor: Preprocessor,
                          device: torch.device) -> tuple[torch.Tensor | None, list[int]]:
     """Decode and preprocess JPEGs on ``device``: (float32 model input, indices of refused images).
 

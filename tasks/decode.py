@@ -35,7 +35,8 @@ def decode_batch(
     stop before the value steps (:meth:`Preprocessor.to_uint8`) where that is
     exact, and the scorer finishes them on its device. With ``device_jpeg``
     (which implies ``uint8``) the JPEGs :func:`device_decodable` accepts are
-    not decoded here: per-row object columns ``jpeg`` (their bytes) and
+    not decoded here: their bytes, packed into ``jpeg_data`` and
+    ``jpeg_offsets`` (:func:`jpeg_of`), and a per-row object column
     ``pixels`` (the others' uint8 pixels) replace ``pixel_values``, and
     :func:`device_model_input` finishes them on the scorer's device.
     """
@@ -49,7 +50,7 @@ def decode_batch(
     n = len(uris)
     errors: list[tuple[str, str] | None] = [None] * n
     images: dict[int, Any] = {}
-    jpeg = np.full(n, None, dtype=object)
+    jpeg: dict[int, bytes] = {}
     for i, data in enumerate(_read(uris, storage_options)):
         if isinstance(data, OSError):
             kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
@@ -63,7 +64,8 @@ def decode_batch(
     _preprocess_into(dense, [images[i] for i in rows], rows, preprocessor.to_uint8 if half else preprocessor, errors)
     out = dict(batch)
     if device_jpeg:
-        out["jpeg"], out["pixels"] = jpeg, np.full(n, None, dtype=object)
+        out.update(_pack(jpeg, n))
+        out["pixels"] = np.full(n, None, dtype=object)
         for j, i in enumerate(rows):
             out["pixels"][i] = dense[j] if errors[i] is None else None
     else:
@@ -78,6 +80,21 @@ def decode_batch(
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     logger.warning(message)
+
+
+def _pack(jpeg: dict[int, bytes], n: int) -> dict[str, np.ndarray]:
+    """Rows' JPEG bytes as one uint8 buffer and n + 1 offsets: Ray hands numpy buffers to the
+    actor without a copy, where an object per image is unpickled (0.108 ms per image)."""
+    sizes = [len(jpeg.get(i, b"")) for i in range(n)]
+    data = b"".join(jpeg[i] for i in sorted(jpeg))
+    return {"jpeg_data": np.frombuffer(data, dtype=np.uint8),
+            "jpeg_offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)}
+
+
+def jpeg_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
+    """Row ``i``'s JPEG bytes (a uint8 view) in a ``device_jpeg`` batch; None where PIL decoded the row."""
+    lo, hi = batch["jpeg_offsets"][i], batch["jpeg_offsets"][i + 1]
+    return batch["jpeg_data"][lo:hi] if hi > lo else None
 
 
 def _decode_one(data: bytes, max_pixels: int, draft_side: int | None) -> tuple[Any, tuple[str, str] | None]:
@@ -102,9 +119,9 @@ def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor,
     from deit_model import jpegs_to_model_input, to_model_input
 
     ok = np.asarray(batch["decoded"], dtype=bool)
-    jpeg, pixels = batch["jpeg"], batch["pixels"].copy()
-    on_device = [i for i in np.flatnonzero(ok) if jpeg[i] is not None]
-    x_dev, refused = jpegs_to_model_input([jpeg[i] for i in on_device], preprocessor, device)
+    pixels = batch["pixels"].copy()
+    on_device = [i for i in np.flatnonzero(ok) if jpeg_of(batch, i) is not None]
+    x_dev, refused = jpegs_to_model_input([jpeg_of(batch, i) for i in on_device], preprocessor, device)
     if refused:
         batch = _decode_refused(batch, pixels, [on_device[j] for j in refused], preprocessor)
         ok = batch["decoded"]
@@ -131,7 +148,7 @@ def _decode_refused(batch: dict, pixels: np.ndarray, refused: list[int], preproc
              "error_message": np.array(batch["error_message"], dtype=object)}
     errors: list = [None] * len(batch["uri"])
     # the pixel limit was checked on the headers (device_decodable): no second limit here
-    decoded = {i: _decode_one(batch["jpeg"][i], sys.maxsize, None) for i in refused}
+    decoded = {i: _decode_one(jpeg_of(batch, i).tobytes(), sys.maxsize, None) for i in refused}
     for i, (_, err) in decoded.items():
         errors[i] = err
     rows = [i for i in refused if errors[i] is None]

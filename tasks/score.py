@@ -75,7 +75,7 @@ class ScoringActor:
     def _model_input(self, batch: dict[str, np.ndarray]):
         """(batch, the decoded rows' float32 pixels on the model's device, or None if there are none)."""
         device = self.scorer.device
-        if "jpeg" in batch:  # decode_batch(device_jpeg=True): JPEGs decoded here, on the device
+        if "jpeg_data" in batch:  # decode_batch(device_jpeg=True): JPEGs decoded here, on the device
             return device_model_input(batch, self.preprocessor, device)
         ok = np.asarray(batch["decoded"], dtype=bool)
         if not ok.any():

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from deit_model import create_random_checkpoint, create_random_timm_checkpoint, device_decodable, load_preprocessor
-from tasks.decode import decode_batch, device_model_input
+from tasks.decode import decode_batch, device_model_input, jpeg_of
 
 from .conftest import TINY_OVERRIDES
 
@@ -67,11 +67,14 @@ def _both_ways(pre, batch):
     ref = decode_batch(batch, **options)
     dev = decode_batch(batch, **options, device_jpeg=True)
     assert "pixel_values" not in dev
-    assert sum(j is not None for j in dev["jpeg"]) == 4  # 3 photos + the broken one; PIL decodes the rest
+    jpegs = [jpeg_of(dev, i) for i in range(len(batch["uri"]))]
+    assert sum(j is not None for j in jpegs) == 4  # 3 photos + the broken one; PIL decodes the rest
+    with open(batch["uri"][3], "rb") as f:  # china.jpg: its bytes, packed
+        assert jpegs[3].tobytes() == f.read() and dev["jpeg_data"].size == sum(len(j) for j in jpegs if j is not None)
     out, x = device_model_input(dev, pre, torch.device("cpu"))
     assert list(out["error_type"]) == list(ref["error_type"])  # the same rows fail, for the same reasons
     assert list(out["decoded"]) == list(ref["decoded"]) and out["error_type"][-3] == "corrupt_image"
-    on_cpu = [j is None for j, ok in zip(dev["jpeg"], out["decoded"]) if ok]  # per model-input row
+    on_cpu = [j is None for j, ok in zip(jpegs, out["decoded"]) if ok]  # per model-input row
     return x, torch.from_numpy(ref["pixel_values"][ref["decoded"]]), on_cpu
 
 

@@ -104,7 +104,7 @@ def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint
     _warn_once.cache_clear()  # warned once per process: this test must see it
     for mode in ({"uint8": True}, {"device_jpeg": True}):
         out = decode_batch(plan, preprocessor=pre, max_pixels=10**8, fast_decode=False, storage_options={}, **mode)
-        assert out["pixel_values"].dtype == np.float32 and out["decoded"].all() and "jpeg" not in out
+        assert out["pixel_values"].dtype == np.float32 and out["decoded"].all() and "jpeg_data" not in out
         np.testing.assert_array_equal(out["pixel_values"], whole)
     assert "decoded by PIL instead" in caplog.text
 
