@@ -52,25 +52,25 @@ def check_model(ckpt: str, jpegs: list[bytes], device: str) -> dict:
                             to_model_input)
 
     pil_images = [decode_image(j) for j in jpegs]
-    pre, ref = load_preprocessor(ckpt), resolve_checkpoint(ckpt)
+    pre, ref, dev = load_preprocessor(ckpt), resolve_checkpoint(ckpt), torch.device(device)
     cpu_pixels = pre(pil_images)
-    on_device = to_model_input(pre.to_uint8(pil_images), pre, torch.device(device))
-    out = {"splits_exactly": pre.splits_exactly(),
-           "pixels_equal": bool(torch.equal(on_device.cpu(), torch.from_numpy(cpu_pixels))),
-           "pixels_max_abs_diff": float((on_device.cpu() - torch.from_numpy(cpu_pixels)).abs().max())}
+    expected = torch.from_numpy(cpu_pixels)
+    on_device = to_model_input(pre.to_uint8(pil_images), pre, dev)
+    out = {"splits_exactly": pre.splits_exactly(), "pixels_equal": bool(torch.equal(on_device.cpu(), expected)),
+           "pixels_max_abs_diff": float((on_device.cpu() - expected).abs().max())}
     cpu = Scorer(ref, device="cpu", dtype="fp32").score(cpu_pixels)
     for dtype in ("fp32", "bf16"):
         scorer = Scorer(ref, device=device, dtype=dtype)
         out[dtype] = _agreement(scorer.score(on_device), cpu)
         del scorer
     try:  # its own failure must not cost the figures above (one device call is all there is)
-        decoded, refused = jpegs_to_model_input(jpegs, pre, torch.device(device))
+        decoded, refused = jpegs_to_model_input(jpegs, pre, dev)
         std = torch.tensor(_std(pre)).view(1, -1, 1, 1)  # per channel: back to 8-bit levels
-        levels = (decoded.cpu() - torch.from_numpy(cpu_pixels)).abs() * 255 * std
+        levels = (decoded.cpu() - expected).abs() * 255 * std
         res = Scorer(ref, device=device, dtype="fp32").score(decoded)
         out["device_decode"] = {"refused": len(refused), "mean_level_diff": float(levels.mean()),
                                 "max_level_diff": float(levels.max()), **_agreement(res, cpu),
-                                "img_per_s": _decode_rate(jpegs, pre, torch.device(device))}
+                                "img_per_s": _decode_rate(jpegs, pre, dev)}
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON
         logger.exception("device decode failed")
         out["device_decode"] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -49,7 +49,7 @@ def decode_batch(
     uris = [str(u) for u in batch["uri"]]
     n = len(uris)
     errors: list[tuple[str, str] | None] = [None] * n
-    images: dict[int, Any] = {}
+    to_pil: dict[int, bytes] = {}
     jpeg: dict[int, bytes] = {}
     for i, data in enumerate(_read(uris, storage_options)):
         if isinstance(data, OSError):
@@ -58,10 +58,8 @@ def decode_batch(
         elif device_jpeg and device_decodable(data, max_pixels):
             jpeg[i] = data
         else:
-            images[i], errors[i] = _decode_one(data, max_pixels, draft_side)
-    rows = [i for i in images if errors[i] is None]
-    dense = np.zeros((len(rows), *_input_shape(preprocessor)), dtype=np.uint8 if half else np.float32)
-    _preprocess_into(dense, [images[i] for i in rows], rows, preprocessor.to_uint8 if half else preprocessor, errors)
+            to_pil[i] = data
+    rows, dense = _decode_with_pil(to_pil, errors, preprocessor, half, max_pixels, draft_side)
     out = dict(batch)
     if device_jpeg:
         out.update(_pack(jpeg, n))
@@ -97,12 +95,22 @@ def jpeg_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
     return batch["jpeg_data"][lo:hi] if hi > lo else None
 
 
-def _decode_one(data: bytes, max_pixels: int, draft_side: int | None) -> tuple[Any, tuple[str, str] | None]:
-    """(image, None), or (None, (error_type, message))."""
-    try:
-        return decode_image(data, max_pixels=max_pixels, draft_side=draft_side), None
-    except DecodeError as exc:
-        return None, (exc.error_type, str(exc))
+def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Preprocessor, uint8: bool,
+                     max_pixels: int, draft_side: int | None) -> tuple[list[int], np.ndarray]:
+    """Decode and preprocess rows' bytes: (the decoded rows, their pixels in that order).
+
+    A row that fails gets its error in ``errors`` (and zero pixels if its preprocessing failed).
+    """
+    images = {}
+    for i, data in datas.items():
+        try:
+            images[i] = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
+        except DecodeError as exc:
+            errors[i] = (exc.error_type, str(exc))
+    rows = list(images)
+    dense = np.zeros((len(rows), *_input_shape(preprocessor)), dtype=np.uint8 if uint8 else np.float32)
+    _preprocess_into(dense, list(images.values()), rows, preprocessor.to_uint8 if uint8 else preprocessor, errors)
+    return rows, dense
 
 
 def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor, device) -> tuple[dict, Any]:
@@ -120,12 +128,14 @@ def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor,
 
     ok = np.asarray(batch["decoded"], dtype=bool)
     pixels = batch["pixels"].copy()
-    on_device = [i for i in np.flatnonzero(ok) if jpeg_of(batch, i) is not None]
-    x_dev, refused = jpegs_to_model_input([jpeg_of(batch, i) for i in on_device], preprocessor, device)
+    jpegs = {i: j for i in np.flatnonzero(ok) if (j := jpeg_of(batch, i)) is not None}
+    on_device = list(jpegs)
+    x_dev, refused = jpegs_to_model_input(list(jpegs.values()), preprocessor, device)
     if refused:
-        batch = _decode_refused(batch, pixels, [on_device[j] for j in refused], preprocessor)
+        gone = {on_device[j] for j in refused}
+        batch = _decode_refused(batch, pixels, {i: jpegs[i].tobytes() for i in sorted(gone)}, preprocessor)
         ok = batch["decoded"]
-        on_device = [i for j, i in enumerate(on_device) if j not in frozenset(refused)]
+        on_device = [i for i in on_device if i not in gone]
     rows = np.flatnonzero(ok)
     if not len(rows):
         return batch, None
@@ -141,19 +151,14 @@ def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor,
     return batch, x
 
 
-def _decode_refused(batch: dict, pixels: np.ndarray, refused: list[int], preprocessor: Preprocessor) -> dict:
+def _decode_refused(batch: dict, pixels: np.ndarray, refused: dict[int, bytes], preprocessor: Preprocessor) -> dict:
     """PIL for the JPEGs the device decoder refused: their uint8 pixels into ``pixels``, or error rows."""
     batch = {**batch, "decoded": np.array(batch["decoded"], dtype=bool),
              "error_type": np.array(batch["error_type"], dtype=object),
              "error_message": np.array(batch["error_message"], dtype=object)}
     errors: list = [None] * len(batch["uri"])
     # the pixel limit was checked on the headers (device_decodable): no second limit here
-    decoded = {i: _decode_one(jpeg_of(batch, i).tobytes(), sys.maxsize, None) for i in refused}
-    for i, (_, err) in decoded.items():
-        errors[i] = err
-    rows = [i for i in refused if errors[i] is None]
-    dense = np.zeros((len(rows), *_input_shape(preprocessor)), dtype=np.uint8)
-    _preprocess_into(dense, [decoded[i][0] for i in rows], rows, preprocessor.to_uint8, errors)
+    rows, dense = _decode_with_pil(refused, errors, preprocessor, True, sys.maxsize, None)
     for j, i in enumerate(rows):
         pixels[i] = dense[j] if errors[i] is None else None
     for i in refused:
@@ -201,9 +206,9 @@ def decode_task_for(num_cpus: float):
     """The Ray task that decodes one batch, with ``num_cpus`` CPUs: ``task.remote(batch, options)``."""
     import ray
 
-    # The memory reservation keeps Ray from packing too many decode tasks onto a
-    # node: a batch of 12 MP photos holds hundreds of MB while decoding.
-    # a remote function, not .options()' wrapper: a suspect batch's task takes options again (no retries)
+    # The memory reservation keeps Ray from packing too many decode tasks onto a node: a batch
+    # of 12 MP photos holds hundreds of MB while decoding. A remote function, not an .options()
+    # wrapper, so that a suspect batch's task can take options again (no retries).
     return ray.remote(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)(_decode)
 
 

@@ -67,14 +67,17 @@ def new_run(settings: ScoreSettings, now: datetime | None = None) -> RunInfo:
 
 def resumed_run(settings: ScoreSettings, previous) -> RunInfo:
     """The RunInfo of an unfinished run being resumed; its parameters must not differ."""
-    # a parameter newer than the run's manifest had its default then
-    changed = [k for k in IDENTITY if str(previous.parameters.get(k, ScoreSettings.model_fields[k].default))
-               != str(getattr(settings, k))]
+    changed = [k for k in IDENTITY if str(_recorded(previous, k)) != str(getattr(settings, k))]
     if changed:
         raise ValueError(
             f"run {previous.run_id} was started with different {', '.join(changed)}; rerun it with its "
             "original parameters (see its manifest) or start a new run without --run-id")
     return RunInfo(previous.run_id, previous.run_date, previous.started_at, settings.output)
+
+
+def _recorded(previous, name: str):
+    """A run's recorded parameter; one newer than the run's manifest had its default then."""
+    return previous.parameters.get(name, ScoreSettings.model_fields[name].get_default(call_default_factory=True))
 
 
 @dataclass
