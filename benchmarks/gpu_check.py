@@ -14,7 +14,10 @@ not travel there whole). For each model, on benchmark-sized images:
   (mean and largest difference in 8-bit levels) and fp32 top-1 agreement and
   smallest embedding cosine against the CPU; and its rate (``img_per_s``:
   decode, resize and normalise of batches of 128, the model not included). Expected to differ a little,
-  unlike ``pixels_equal``; the figures go to docs/agreement.md.
+  unlike ``pixels_equal``; the figures go to docs/agreement.md. ``two_threads``: the same
+  decode and scoring on two threads at once, as a GPU actor runs its two calls, against one
+  at a time (scores should agree to rounding: a decoder that wrote into memory another call
+  still reads would not).
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out /tmp/gpu_check.json
 """
@@ -59,18 +62,17 @@ def check_model(ckpt: str, jpegs: list[bytes], device: str) -> dict:
     out = {"splits_exactly": pre.splits_exactly(), "pixels_equal": bool(torch.equal(on_device.cpu(), expected)),
            "pixels_max_abs_diff": float((on_device.cpu() - expected).abs().max())}
     cpu = Scorer(ref, device="cpu", dtype="fp32").score(cpu_pixels)
-    for dtype in ("fp32", "bf16"):
-        scorer = Scorer(ref, device=device, dtype=dtype)
-        out[dtype] = _agreement(scorer.score(on_device), cpu)
-        del scorer
+    out["bf16"] = _agreement(Scorer(ref, device=device, dtype="bf16").score(on_device), cpu)
+    fp32 = Scorer(ref, device=device, dtype="fp32")  # kept for the device-decode checks
+    out["fp32"] = _agreement(fp32.score(on_device), cpu)
     try:  # its own failure must not cost the figures above (one device call is all there is)
         decoded, refused = jpegs_to_model_input(jpegs, pre, dev)
         std = torch.tensor(_std(pre)).view(1, -1, 1, 1)  # per channel: back to 8-bit levels
         levels = (decoded.cpu() - expected).abs() * 255 * std
-        res = Scorer(ref, device=device, dtype="fp32").score(decoded)
         out["device_decode"] = {"refused": len(refused), "mean_level_diff": float(levels.mean()),
-                                "max_level_diff": float(levels.max()), **_agreement(res, cpu),
-                                "img_per_s": _decode_rate(jpegs, pre, dev)}
+                                "max_level_diff": float(levels.max()), **_agreement(fp32.score(decoded), cpu),
+                                "img_per_s": _decode_rate(jpegs, pre, dev),
+                                "two_threads": _two_threads(jpegs, pre, fp32, dev)}
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON
         logger.exception("device decode failed")
         out["device_decode"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -95,6 +97,36 @@ def _decode_rate(jpegs: list[bytes], pre, device, batch: int = 128, rounds: int 
         if i:  # the first call warms up (nvJPEG's handles, the kernels): not counted
             best = min(best, time.perf_counter() - start)
     return batch / best
+
+
+def _two_threads(jpegs: list[bytes], pre, scorer, device, batches: int = 8) -> dict:
+    """Device decode and scoring on two threads at once, as a GPU actor runs them, against one at a time.
+
+    Each thread works on its own stream (``Scorer.stream()``) and one forward
+    pass runs at a time, as in ``tasks.score.ScoringActor``; a decoder writing
+    into memory another call still reads would show here as scores that differ.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deit_model import jpegs_to_model_input
+
+    lock = threading.Lock()
+    batch = 4 * len(jpegs)  # 64 for the default 16 images; each batch starts at another image
+    work = [[jpegs[(i + j) % len(jpegs)] for j in range(batch)] for i in range(batches)]
+
+    def score(data):
+        with scorer.stream():
+            x, _ = jpegs_to_model_input(data, pre, device)
+            with lock:
+                return scorer.score(x)
+
+    alone = [score(data) for data in work]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(score, work))
+    diffs = [float(np.abs(a.scores - t.scores).max()) for a, t in zip(alone, together)]
+    agree = [float((a.label_ids == t.label_ids).mean()) for a, t in zip(alone, together)]
+    return {"max_score_diff": max(diffs), "label_agree": min(agree), "batches": batches, "batch": batch}
 
 
 def _std(pre) -> list[float]:

@@ -31,6 +31,12 @@ def decode_jpegs(datas: Sequence[bytes | np.ndarray], device: torch.device) -> l
 
     if not datas:
         return []
+    if device.type == "cuda":
+        # nvJPEG's hardware decoder writes its outputs without waiting for the caller's stream,
+        # and the caching allocator hands it blocks freed on that stream whose queued kernels
+        # may not have read them yet (pytorch/vision#9606, meta-pytorch/torchcodec#1634): what
+        # is queued must finish first. Free when the stream is idle (Scorer.stream()).
+        torch.cuda.current_stream(device).synchronize()
     raw = [torch.from_numpy(np.frombuffer(d, dtype=np.uint8) if isinstance(d, bytes) else d) for d in datas]
     try:
         return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))

@@ -7,8 +7,11 @@ computed in fp32 whatever the model's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -56,6 +59,10 @@ class Scorer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model: LoadedModel = create_model(ref.local_dir, self.device, self.dtype)
+        if self.device.type == "cuda":
+            # the weights were copied on the default stream; calls run on their own (stream())
+            torch.cuda.synchronize(self.device)
+        self._streams = threading.local()
         info = self.model.info
         self.top_k = min(top_k, info.num_labels)
         self.embedding_dim = info.embedding_dim
@@ -66,6 +73,22 @@ class Scorer:
     def activation(self) -> str:
         """``sigmoid`` for multi-label checkpoints, else ``softmax``."""
         return "sigmoid" if self.multi_label else "softmax"
+
+    def stream(self) -> contextlib.AbstractContextManager:
+        """A context in which this thread's device work runs on its own CUDA stream (none elsewhere).
+
+        Why: an actor that runs two calls at once on two threads would otherwise
+        queue both on the default stream, where one call's upload, decode and
+        normalisation wait behind the other's forward pass. Its own stream is also
+        idle whenever a call starts (each call ends by copying its results to the
+        host), which the device JPEG decoder needs (:mod:`.device_decode`).
+        """
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
 
     @torch.inference_mode()
     def score(self, pixel_values: np.ndarray | torch.Tensor, token_features: bool = False) -> ScoreResult:

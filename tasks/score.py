@@ -68,8 +68,9 @@ class ScoringActor:
         schema = self._schemas.get(spec)
         if schema is None:  # one per run's output spec, built once
             schema = self._schemas[spec] = scored_schema(spec)
-        batch, x = self._model_input(batch)
-        cols = self._prediction_columns(x, np.asarray(batch["decoded"], dtype=bool), spec)
+        with self.scorer.stream():  # this call's device work on its thread's own CUDA stream
+            batch, x = self._model_input(batch)
+            cols = self._prediction_columns(x, np.asarray(batch["decoded"], dtype=bool), spec)
         return _table({**_passthrough(batch, context, self.scorer.ref.revision), **cols}, schema)
 
     def _model_input(self, batch: dict[str, np.ndarray]):

@@ -186,3 +186,4 @@ def test_gpu_check_compares_a_device_with_the_cpu(tiny_checkpoint):
     assert out["bf16"]["top1_agree"] >= 0.5 and out["bf16"]["min_embedding_cosine"] > 0.999
     dev = out["device_decode"]
     assert dev["refused"] == 0 and dev["max_level_diff"] == 0 and dev["top1_agree"] == 1 and dev["img_per_s"] > 0
+    assert dev["two_threads"]["label_agree"] == 1 and dev["two_threads"]["max_score_diff"] < 1e-6
