@@ -138,7 +138,7 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef,
         preprocessing = pool.preprocessing()
         writer = open_writer(preprocessing)
         try:
-            _stream(settings, plan, ref, pool, writer, run_id, placement, planned, failed_before, on_progress)
+            stream_plan(settings, plan, ref, pool, writer, run_id, placement, planned, failed_before, on_progress)
         except BaseException:
             writer.abort()
             raise
@@ -150,8 +150,8 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef,
     return preprocessing
 
 
-def _stream(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pool: ScorerPool, writer: DatasetWriter,
-            run_id: str, placement: Placement, planned: int | None, failed_before: int, on_progress) -> None:
+def stream_plan(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pool: ScorerPool, writer: DatasetWriter,
+                run_id: str, placement: Placement, planned: int | None, failed_before: int, on_progress) -> None:
     """Stream the plan's batches through the pool's actors into ``writer``."""
     decode = {"max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode,
               "device_jpeg": settings.device_decode, "storage_options": settings.storage_options}

@@ -105,6 +105,39 @@ def split_scored(batch: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table]
     return preds.cast(schema), errs.cast(ERRORS_SCHEMA)
 
 
+_DISTINCT = {"uri", "source_etag"}  # string columns whose values (almost) never repeat
+
+
+def parquet_options(schema: pa.Schema) -> dict:
+    """``pq.ParquetWriter`` options for a table of ``schema``: dictionaries and statistics where they help.
+
+    Floating-point values (scores, embeddings), URIs and etags are distinct
+    row to row, so a dictionary only fills up before the writer falls back to
+    plain encoding: without it the driver wrote DeiT-base's rows several
+    times faster and the files were a third smaller (benchmarks/driver_stage.py,
+    docs/scale.md). Min/max statistics of a vector's elements prune nothing,
+    so vectors have none. Everything else keeps both.
+    """
+    dictionary, statistics = [], []
+    for path, leaf, in_vector in _leaves(schema):
+        if not pa.types.is_floating(leaf) and path not in _DISTINCT:
+            dictionary.append(path)
+        if not in_vector:
+            statistics.append(path)
+    return {"use_dictionary": dictionary, "write_statistics": statistics}
+
+
+def _leaves(schema: pa.Schema):
+    """(Parquet column path, leaf type, whether inside a fixed-size list) of each leaf column."""
+    for field in schema:
+        path, typ, in_vector = field.name, field.type, False
+        while pa.types.is_list(typ) or pa.types.is_fixed_size_list(typ) or pa.types.is_large_list(typ):
+            # pyarrow's (compliant) nested naming: <name>.list.element
+            path, in_vector = f"{path}.list.element", in_vector or pa.types.is_fixed_size_list(typ)
+            typ = typ.value_type
+        yield path, typ, in_vector
+
+
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .schema import ERRORS_SCHEMA, OutputSpec, partition_dir, predictions_schema, split_scored
+from .schema import ERRORS_SCHEMA, OutputSpec, parquet_options, partition_dir, predictions_schema, split_scored
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class _RollingFile:
         self.fs.makedirs(self.dir, exist_ok=True)
         path = f"{self.dir}/{self.prefix}-{self.seq:05d}.parquet"
         self.out = storage.AtomicWriter(self.fs, path)
-        self.writer = pq.ParquetWriter(self.out.handle, self.schema, compression="zstd")
+        self.writer = pq.ParquetWriter(self.out.handle, self.schema, compression="zstd", **parquet_options(self.schema))
         self.seq, self.opened_at = self.seq + 1, time.monotonic()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode_stage  # noqa: E402
+import driver_stage  # noqa: E402
 import gpu_check  # noqa: E402
 import images  # noqa: E402
 import procmem  # noqa: E402
@@ -187,3 +188,12 @@ def test_gpu_check_compares_a_device_with_the_cpu(tiny_checkpoint):
     dev = out["device_decode"]
     assert dev["refused"] == 0 and dev["max_level_diff"] == 0 and dev["top1_agree"] == 1 and dev["img_per_s"] > 0
     assert dev["two_threads"]["label_agree"] == 1 and dev["two_threads"]["max_score_diff"] < 1e-6
+
+
+def test_driver_stage_carries_replayed_results_into_parquet(ray_cluster, tmp_path):
+    """The real pool, driver loop and writer with the model's outputs replayed: every row written once."""
+    out = driver_stage.measure(600, 64, str(tmp_path))
+    assert out["rows_read_back"] == 600 and out["img_per_s"] > 0
+    assert out["driver_cpu_ms_per_image"] > 0 and out["actor_cpu_ms_per_image"] > 0
+    writer = driver_stage.measure_writer(512, 64, rounds=1)
+    assert writer["ours"]["bytes_per_image"] < writer["pyarrow_defaults"]["bytes_per_image"]

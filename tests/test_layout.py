@@ -43,6 +43,11 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
         def labels(self, ids):
             return [["x"] for _ in ids]
 
+        def stream(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
     actor = object.__new__(ScoringActor)
     actor.scorer, actor.preprocessor, actor._schemas, actor._model_lock = _Scorer(), None, {}, threading.Lock()
     batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),

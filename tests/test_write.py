@@ -1,0 +1,58 @@
+"""The staged Parquet files: how columns are encoded, and that every value reads back as written."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.schema import OutputSpec, parquet_options, scored_schema
+from tasks.write import DatasetWriter
+
+
+def _scored(spec: OutputSpec, n: int, dim: int) -> pa.Table:
+    """An actor's output batch of ``n`` scored rows with distinct floats, as a model's would be."""
+    rng = np.random.default_rng(0)
+    value = np.float16 if spec.float16 else np.float32
+    now = datetime.now(timezone.utc)
+    data = {
+        "uri": [f"file:///images/{i:05d}.jpg" for i in range(n)],
+        "label_ids": [[int(i % 7), 3] for i in range(n)], "labels": [[f"class_{i % 7}", "class_3"] for i in range(n)],
+        "scores": rng.random((n, 2), dtype=np.float32).tolist(), "activation": ["softmax"] * n,
+        "embedding": list(rng.standard_normal((n, dim)).astype(value)),
+        "token_features": [list(rng.standard_normal((3, dim)).astype(value)) for _ in range(n)],
+        "model": ["m"] * n, "model_revision": ["sha256:x"] * n, "run_id": ["r"] * n, "scored_at": [now] * n,
+        "source_size": list(range(n)), "source_etag": [f"{i:032x}" for i in range(n)], "source_mtime": [now] * n,
+        "error_type": [None] * n, "error_message": [None] * n,
+    }
+    return pa.table(data, schema=scored_schema(spec))
+
+
+def test_floats_and_unique_strings_skip_dictionaries_and_vectors_statistics(tmp_path):
+    spec, dim, n = OutputSpec(8, float16=True, token_features=True), 8, 300
+    batch = _scored(spec, n, dim)
+    writer = DatasetWriter(str(tmp_path), model_name="m", run_id="r", run_date="2026-12-02", spec=spec,
+                           rows_per_file=1000)
+    writer.write(batch)
+    [path] = writer.close().files
+    meta = pq.ParquetFile(path.removeprefix("file://")).metadata.row_group(0)
+    chunks = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    # the options name real columns: a name pyarrow does not know would be ignored silently
+    named = parquet_options(pq.read_schema(path.removeprefix("file://")))
+    assert set(named["write_statistics"]) | set(named["use_dictionary"]) <= set(chunks)
+    plain = {"uri", "source_etag", "scores.list.element", "embedding.list.element",
+             "token_features.list.element.list.element"} & set(chunks)
+    assert len(plain) == 5
+    for name, chunk in chunks.items():
+        assert ("RLE_DICTIONARY" in chunk.encodings) == (name not in plain), name
+    assert not chunks["embedding.list.element"].is_stats_set and not chunks[
+        "token_features.list.element.list.element"].is_stats_set
+    assert chunks["uri"].is_stats_set and chunks["uri"].statistics.min == "file:///images/00000.jpg"
+    # every value back, through pyarrow and DuckDB
+    back = pq.read_table(path.removeprefix("file://"))
+    assert back.equals(batch.select(back.column_names).cast(back.schema))
+    emb = duckdb.sql(f"select embedding from read_parquet('{path.removeprefix('file://')}') order by uri").fetchall()
+    np.testing.assert_array_equal(np.array([r[0] for r in emb], dtype=np.float16),
+                                  np.stack(batch["embedding"].to_pylist()).astype(np.float16))
