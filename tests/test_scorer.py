@@ -89,7 +89,9 @@ def test_every_hub_checkpoint_matches_transformers(name, tmp_path, photos):
     from deit_model import inspect_checkpoint
 
     ckpt = create_random_checkpoint(name, tmp_path / "c", **TINY_OVERRIDES)
-    images = _photos(photos)
+    rng = np.random.default_rng(1)  # and odd shapes: one pixel, three rows, three columns
+    images = _photos(photos) + [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                                for h, w in ((1, 1), (3, 7), (7, 3), (3, 3), (401, 3))]
     pre = load_preprocessor(str(ckpt))
     ref_proc = AutoImageProcessor.from_pretrained(ckpt)
     ref_x = ref_proc(images, return_tensors="pt")["pixel_values"].numpy()
