@@ -26,7 +26,6 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import os
 import shlex
 import subprocess
@@ -37,12 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import images  # noqa: E402 - sibling modules of this script, not a package
+import options  # noqa: E402
 import procmem  # noqa: E402
 from report import format_report, write_out  # noqa: E402
 
 logger = logging.getLogger("throughput")
 
-STAGES = ("ceiling", "ours", "baseline", "peer")
 ROOT = Path(__file__).resolve().parents[1]
 OURS_PATTERNS = {  # log lines of score-images run (tasks/pipeline.py, tasks/ray_cluster.py, Prefect)
     "first": r"progress: first (\d+) images after ([\d.]+) s",
@@ -258,84 +257,9 @@ def git_commit() -> str:
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
-# ---------------------------------------------------------------- CLI
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--images", type=int, nargs="+", default=[1000], help="image counts (one e2e run each)")
-    p.add_argument("--compare-at", type=int, nargs="+", default=None,
-                   help="image counts at which baseline and peer run too (default: the smallest of --images)")
-    p.add_argument("--kind", choices=sorted(images.KINDS), default="small",
-                   help="small: 500x375 ~110 KB JPEGs; phone: 4000x3000 ~3 MB")
-    p.add_argument("--source", choices=["local", "s3"], default="local",
-                   help="s3: moto's S3 server on 127.0.0.1 (baseline still reads the local files)")
-    p.add_argument("--model", nargs="+", default=["facebook/deit-tiny-distilled-patch16-224"],
-                   help="hub names (built with random weights) or checkpoint directories")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64], help="ceiling batch sizes")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size of the end-to-end stages")
-    p.add_argument("--num-actors", type=int, default=None,
-                   help="default: 1 on cuda; one per core on cpu (one 1-thread model per core)")
-    p.add_argument("--cpus-per-actor", type=float, default=None,
-                   help="default: 1 on cuda; on cpu the cores less the decode CPUs, shared by the actors")
-    p.add_argument("--decode-cpus", type=float, default=None,
-                   help="default: 1 on cuda, 0 on cpu (ours decodes in its actors; the peer's recipe has "
-                        "separate read and preprocess tasks and gets half a core for them)")
-    p.add_argument("--gpus-per-actor", type=float, default=1.0)
-    p.add_argument("--fast-decode", action="store_true", help="pass --fast-decode to ours")
-    p.add_argument("--ours-args", default="", help="more score-images run options, one shell string")
-    p.add_argument("--ceiling-threads", type=int, nargs="+", default=None,
-                   help="CPU thread counts for the ceiling (default: the actor's, and all cores)")
-    p.add_argument("--ceiling-seconds", type=float, default=8.0, help="timed seconds per ceiling point")
-    p.add_argument("--skip", nargs="+", choices=STAGES, default=[], help="stages to leave out")
-    p.add_argument("--pool", type=int, default=None, help="distinct images per set (default: 256 small, 16 phone)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/deit-throughput"),
-                   help="images, checkpoints, outputs and logs; image sets and checkpoints are reused")
-    p.add_argument("--out", type=Path, default=None, help="docs/benchmarks.md (markdown) or a .json file")
-    p.add_argument("--settle", type=float, default=10.0,
-                   help="seconds after the first result before the steady-state window opens")
-    p.add_argument("--wait-idle", type=float, default=0.0,
-                   help="seconds to wait, before each stage, for other work on the machine to stop")
-    p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before a stage is killed")
-    cfg = p.parse_args(argv)
-    if cfg.batch_size not in cfg.batch_sizes:
-        cfg.batch_sizes.append(cfg.batch_size)
-    _default_layout(cfg, os.cpu_count() or 1)
-    if cfg.compare_at is None:
-        cfg.compare_at = [min(cfg.images)]
-    if cfg.ceiling_threads is None:
-        cfg.ceiling_threads = sorted({max(math.floor(cfg.cpus_per_actor), 1), os.cpu_count() or 1})
-    cfg.workdir = cfg.workdir.resolve()
-    cfg.logs = cfg.workdir / "logs"
-    return cfg
-
-
-def _default_layout(cfg: argparse.Namespace, cores: int) -> None:
-    """Fill in the actor layouts (ours, and the peer's) the flags left open.
-
-    On a GPU one actor feeds the device. On a CPU the model itself is the
-    work: one single-threaded actor per core scores more than one actor with
-    a thread per core (two processes x 1 thread made 67.5 img/s against 68.0
-    for 1 x 2 threads here), and ours decodes inside its actors (decode_cpus
-    0), as decode and model share the cores anyway. The peer's recipe keeps
-    its separate read and preprocess tasks, with half a core for them. Torch
-    threads beyond the cores (an actor and decode tasks both multi-threaded)
-    cut throughput five-fold here, so no layout oversubscribes.
-    """
-    cpu = cfg.device == "cpu"
-    if cfg.num_actors is None:
-        cfg.num_actors = cores if cpu else 1
-    if cfg.decode_cpus is None:
-        cfg.decode_cpus = 0.0 if cpu else 1.0
-    if cfg.cpus_per_actor is None:
-        cfg.cpus_per_actor = round((cores - cfg.decode_cpus) / cfg.num_actors, 2) if cpu else 1.0
-    cfg.peer_decode_cpus, cfg.peer_cpus_per_actor = cfg.decode_cpus, cfg.cpus_per_actor
-    if cfg.decode_cpus == 0:  # the recipe's read and preprocess tasks need CPUs of their own
-        cfg.peer_decode_cpus = 0.5 if cpu else 1.0
-        if cpu:
-            cfg.peer_cpus_per_actor = round((cores - cfg.peer_decode_cpus) / cfg.num_actors, 2)
+    """The command line, with the layouts and sets it leaves open filled in (options.py)."""
+    return options.parse_args(argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ import decode_stage  # noqa: E402
 import driver_stage  # noqa: E402
 import gpu_check  # noqa: E402
 import images  # noqa: E402
+import options  # noqa: E402
 import procmem  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
@@ -135,7 +136,7 @@ def test_report_table_and_ratios():
 ])
 def test_default_layouts_on_two_cores(device, decode, ours, peer):
     cfg = SimpleNamespace(device=device, num_actors=None, cpus_per_actor=None, decode_cpus=decode)
-    throughput._default_layout(cfg, 2)
+    options.default_layout(cfg, 2)
     assert (cfg.num_actors, cfg.cpus_per_actor, cfg.decode_cpus) == ours
     assert (cfg.num_actors, cfg.peer_cpus_per_actor, cfg.peer_decode_cpus) == peer
     if device == "cpu":  # never more reserved than the cores: Ray would queue forever
