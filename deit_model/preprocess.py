@@ -71,10 +71,13 @@ class Preprocessor:
         raise NotImplementedError
 
     def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the output, found by running once on a blank image."""
-        from PIL import Image
+        """(C, H, W) of the output, found by running once on a blank image (then kept on this object)."""
+        shape = getattr(self, "_input_shape", None)
+        if shape is None:
+            from PIL import Image
 
-        return tuple(self([Image.new("RGB", (32, 32))]).shape[1:])
+            shape = self._input_shape = tuple(self([Image.new("RGB", (32, 32))]).shape[1:])
+        return shape
 
 
 class HFPreprocessor(Preprocessor):
@@ -86,8 +89,7 @@ class HFPreprocessor(Preprocessor):
     def __call__(self, images: Sequence) -> np.ndarray:
         if not images:
             return np.zeros((0, *self.input_shape()), dtype=np.float32)
-        out = self.processor(images=_planar(images), input_data_format="channels_first",
-                             return_tensors="pt")["pixel_values"]
+        out = self.processor(**self._inputs(images), return_tensors="pt")["pixel_values"]
         return out.numpy().astype(np.float32, copy=False)
 
     def to_uint8(self, images: Sequence) -> np.ndarray:
@@ -96,8 +98,37 @@ class HFPreprocessor(Preprocessor):
     def geometry(self, images: Sequence):
         # the processor's own resize and crop, with its value steps switched off; it turns PIL
         # images into tensors first, so tensors take the same path
-        return self.processor(images=_planar(images), do_rescale=False, do_normalize=False,
-                              input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+        return self.processor(**self._inputs(images), do_rescale=False, do_normalize=False,
+                              return_tensors="pt")["pixel_values"]
+
+    def _inputs(self, images: Sequence) -> dict:
+        """The processor's image arguments: PIL images as the uint8 tensors it would make of them."""
+        convert = self._convert
+        if convert is None:
+            return {"images": list(images)}
+        return {"images": convert(images), "input_data_format": "channels_first"}
+
+    @functools.cached_property
+    def _convert(self):
+        """How PIL images become tensors here, faster than in the processor (None: not at all).
+
+        The torchvision backend turns a PIL image into a (3, H, W) tensor before anything
+        else, and its versions differ: transformers 5.17 keeps numpy's (H, W, 3) memory
+        (a channels-last view, which its uint8 resize takes without a copy); 5.24 makes every
+        input contiguous, by a strided copy that is slow (0.6 ms of a core for a 500x375 image).
+        Whichever this processor does, it is handed that tensor ready-made, the contiguous one
+        built fast from PIL's channel planes (:func:`_planar`), so it skips the step: the same
+        pixels bit for bit (tests/test_scorer.py), 1.34x faster to uint8 with 5.24 (docs/models.md).
+        """
+        import torch
+
+        view = torch.zeros((2, 3, 3), dtype=torch.uint8).permute(2, 0, 1)  # (3, 2, 3), channels last
+        try:
+            kept = not self.processor.process_image(view, input_data_format="channels_first").is_contiguous()
+        except Exception:  # noqa: BLE001 - another backend: it gets the PIL images themselves
+            logger.debug("processor has no torchvision process_image", exc_info=True)
+            return None
+        return _channels_last if kept else _planar
 
     def normalize(self, x):
         p = self.processor  # the torchvision backend's fused rescale-and-normalise, as __call__ runs it
@@ -116,25 +147,29 @@ class HFPreprocessor(Preprocessor):
 
 
 def _planar(images: Sequence) -> list:
-    """RGB PIL images as uint8 (3, H, W) tensors, each channel copied whole; tensors as they are.
-
-    transformers' torchvision backend makes the same tensor of a PIL image itself, through an
-    (H, W, 3) array and a strided copy to channels first, which is slow: this way saves about
-    0.6 ms of a core per 500x375 image (docs/models.md). Given a tensor it skips that step, so
-    its output is the same bit for bit (tests/test_scorer.py).
-    """
+    """RGB PIL images as contiguous uint8 (3, H, W) tensors, each channel plane copied whole."""
     import torch
+
+    def planes(img):
+        out = np.empty((3, img.height, img.width), dtype=np.uint8)
+        for c, band in enumerate(img.split()):
+            out[c] = np.asarray(band)
+        return torch.from_numpy(out)
+
+    return _rgb_to_tensors(images, planes)
+
+
+def _channels_last(images: Sequence) -> list:
+    """RGB PIL images as uint8 (3, H, W) views of their (H, W, 3) arrays (no copy beyond PIL's)."""
+    import torch
+
+    return _rgb_to_tensors(images, lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1))
+
+
+def _rgb_to_tensors(images: Sequence, convert) -> list:
     from PIL import Image
 
-    out = []
-    for img in images:
-        if isinstance(img, Image.Image) and img.mode == "RGB":
-            planes = np.empty((3, img.height, img.width), dtype=np.uint8)
-            for c, band in enumerate(img.split()):
-                planes[c] = np.asarray(band)
-            img = torch.from_numpy(planes)
-        out.append(img)
-    return out
+    return [convert(img) if isinstance(img, Image.Image) and img.mode == "RGB" else img for img in images]
 
 
 class TimmPreprocessor(Preprocessor):

@@ -108,7 +108,7 @@ def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Prepro
         except DecodeError as exc:
             errors[i] = (exc.error_type, str(exc))
     rows = list(images)
-    dense = np.zeros((len(rows), *_input_shape(preprocessor)), dtype=np.uint8 if uint8 else np.float32)
+    dense = np.zeros((len(rows), *preprocessor.input_shape()), dtype=np.uint8 if uint8 else np.float32)
     _preprocess_into(dense, list(images.values()), rows, preprocessor.to_uint8 if uint8 else preprocessor, errors)
     return rows, dense
 
@@ -141,7 +141,7 @@ def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor,
         return batch, None
     if len(on_device) == len(rows):  # the usual batch: all JPEGs, already in order
         return batch, x_dev
-    x = torch.empty((len(rows), *_input_shape(preprocessor)), dtype=torch.float32, device=device)
+    x = torch.empty((len(rows), *preprocessor.input_shape()), dtype=torch.float32, device=device)
     where = {row: k for k, row in enumerate(rows)}
     if on_device:
         x[[where[i] for i in on_device]] = x_dev
@@ -173,17 +173,6 @@ def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSEr
     paths = [fs._strip_protocol(u) for u in uris]
     data = storage.read_many(fs, paths)
     return [data[p] for p in paths]
-
-
-_SHAPES: dict[int, tuple] = {}  # per worker process: preprocessor -> output shape
-
-
-def _input_shape(preprocessor: Preprocessor) -> tuple:
-    key = id(preprocessor)
-    if key not in _SHAPES:
-        _SHAPES.clear()  # one preprocessor per run; do not grow across runs
-        _SHAPES[key] = preprocessor.input_shape()
-    return _SHAPES[key]
 
 
 def _preprocess_into(pixels: np.ndarray, images: list, rows: list[int], preprocess, errors: list) -> None:

@@ -114,3 +114,27 @@ def test_pixel_limit_above_pillows_default_is_honoured():
         assert decode_image(data, max_pixels=250_000_000).size == (20_000, 10_000)
     finally:
         PILImage.MAX_IMAGE_PIXELS = default
+
+
+
+def test_each_preprocessor_keeps_its_own_output_shape(tiny_checkpoint, photos, tmp_path):
+    """decode_batch sizes pixels by the preprocessor it is given, kept on that object.
+
+    A shape cache keyed by ``id()`` once outlived its preprocessor: one made later at the same
+    address got the old shape, and every image of its batches failed preprocessing (it showed in
+    CI as the 384 checkpoint's images failing after a 224 one's). The address reuse itself cannot
+    be forced from a test; what is checked is that the shape lives on the object.
+    """
+    from deit_model import create_random_checkpoint, load_preprocessor
+    from tasks.decode import decode_batch
+
+    from .conftest import TINY_OVERRIDES
+
+    big = load_preprocessor(str(create_random_checkpoint("facebook/deit-base-distilled-patch16-384", tmp_path / "c",
+                                                         **TINY_OVERRIDES)))
+    small = load_preprocessor(str(tiny_checkpoint))
+    batch = {"uri": np.array([str(p) for p in sorted(photos.iterdir())][:2], dtype=object)}
+    for pre, side in ((small, 224), (big, 384), (small, 224)):
+        out = decode_batch(batch, preprocessor=pre, max_pixels=10**9, fast_decode=False, storage_options={})
+        assert out["pixel_values"].shape[-1] == side and out["decoded"].all(), out["error_message"]
+        assert pre.__dict__["_input_shape"] == (3, side, side)

@@ -167,3 +167,30 @@ def test_low_precision_on_cpu_agrees_roughly(tiny_checkpoint, photos, dtype):
     cos = (fp32.embedding * low.embedding).sum(1) / (
         np.linalg.norm(fp32.embedding, axis=1) * np.linalg.norm(low.embedding, axis=1))
     assert cos.min() > 0.99
+
+
+def test_processor_is_handed_its_own_tensor_layout(tiny_checkpoint, photos):
+    """PIL images reach the processor as the tensor it would make of them: it copies nothing more."""
+    pre = load_preprocessor(str(tiny_checkpoint))
+    [tensor] = pre._inputs(_photos(photos)[:1])["images"]
+    assert tensor.dtype == torch.uint8 and tensor.shape[0] == 3
+    out = pre.processor.process_image(tensor, input_data_format="channels_first")
+    assert out.data_ptr() == tensor.data_ptr()  # the processor kept it as given
+
+
+def test_processor_without_torchvision_conversion_gets_pil_images(tiny_checkpoint, photos):
+    """A processor with no ``process_image`` (another backend) is given the PIL images themselves."""
+    from deit_model.preprocess import HFPreprocessor
+
+    class Wrapped:  # the real processor's call, without its torchvision internals
+        def __init__(self, processor):
+            self.call = processor
+
+        def __call__(self, **kwargs):
+            assert "input_data_format" not in kwargs and all(isinstance(i, Image.Image) for i in kwargs["images"])
+            return self.call(**kwargs)
+
+    images = _photos(photos)
+    ref = AutoImageProcessor.from_pretrained(tiny_checkpoint)
+    assert HFPreprocessor(Wrapped(ref))._convert is None
+    np.testing.assert_array_equal(HFPreprocessor(Wrapped(ref))(images), ref(images, return_tensors="pt")["pixel_values"])
