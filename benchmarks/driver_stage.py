@@ -17,7 +17,6 @@ options (``tasks.schema.parquet_options``) against pyarrow's defaults. Not measu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -28,28 +27,28 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from deit_model.scorer import Scorer
 from tasks.score import ScoringActor
 
 logger = logging.getLogger(__name__)
 
 
-class ReplayScorer:
-    """Stands in for ``deit_model.Scorer`` where the forward pass would be: random outputs of its shapes."""
+class ReplayScorer(Scorer):
+    """A ``deit_model.Scorer`` whose forward pass is replaced by random outputs of its shapes.
 
-    activation = "softmax"
+    No model is loaded; labels, activation and streams are the Scorer's own.
+    """
 
-    def __init__(self, embedding_dim: int, top_k: int):
+    def __init__(self, embedding_dim: int, top_k: int):  # noqa: super().__init__ would load a model
         import torch
 
+        from deit_model import CheckpointRef
         from deit_model.random_checkpoint import imagenet_labels
 
-        self.device, self.top_k, self.embedding_dim = torch.device("cpu"), top_k, embedding_dim
-        self.id2label = imagenet_labels()
-        self.ref = type("Ref", (), {"revision": "replayed"})()
+        self.device, self.multi_label, self.id2label = torch.device("cpu"), False, imagenet_labels()
+        self.top_k, self.embedding_dim = top_k, embedding_dim
+        self.ref = CheckpointRef("replayed", "", "replayed", "replayed")
         self.rng = np.random.default_rng(0)
-
-    def stream(self):
-        return contextlib.nullcontext()
 
     def score(self, n: int, token_features: bool = False):
         """``n`` images' outputs: label ids, scores (descending) and embeddings, as a model's."""
@@ -58,9 +57,6 @@ class ReplayScorer:
         ids = self.rng.integers(0, len(self.id2label), (n, self.top_k), dtype=np.int32)
         scores = -np.sort(-self.rng.random((n, self.top_k), dtype=np.float32), axis=1)
         return ScoreResult(ids, scores, self.rng.standard_normal((n, self.embedding_dim), dtype=np.float32))
-
-    def labels(self, label_ids: np.ndarray) -> list[list[str]]:
-        return [[self.id2label[i] for i in row] for row in label_ids.tolist()]
 
 
 class ReplayActor(ScoringActor):
@@ -164,10 +160,11 @@ def measure_writer(images: int, batch_size: int, rounds: int = 3) -> dict:
     context = BatchContext("bench", "replayed", spec)
     preds = [split_scored(actor.score_batch(b, context), spec)[0] for b in plan_batches(plan_table(images), batch_size)]
     schema, out = preds[0].schema, {}
+    ours = parquet_options(schema)
     for _ in range(rounds):
-        for name, options in (("ours", parquet_options(preds[0].schema)), ("pyarrow_defaults", {})):
+        for name, options in (("ours", ours), ("pyarrow_defaults", {"compression": ours["compression"]})):
             buf, start = io.BytesIO(), time.perf_counter()
-            with pq.ParquetWriter(buf, schema, compression="zstd", **options) as writer:
+            with pq.ParquetWriter(buf, schema, **options) as writer:
                 for table in preds:
                     writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
             ms = 1000 * (time.perf_counter() - start) / images

@@ -116,9 +116,10 @@ class HFPreprocessor(Preprocessor):
         else, and its versions differ: transformers 5.17 keeps numpy's (H, W, 3) memory
         (a channels-last view, which its uint8 resize takes without a copy); 5.24 makes every
         input contiguous, by a strided copy that is slow (0.6 ms of a core for a 500x375 image).
-        Whichever this processor does, it is handed that tensor ready-made, the contiguous one
-        built fast from PIL's channel planes (:func:`_planar`), so it skips the step: the same
-        pixels bit for bit (tests/test_scorer.py), 1.34x faster to uint8 with 5.24 (docs/models.md).
+        Whichever this processor does, it is handed that tensor ready-made (the view,
+        :func:`_channels_last`, or the contiguous one built fast from PIL's channel planes,
+        :func:`_planar`), so it skips the step: the same pixels bit for bit
+        (tests/test_scorer.py), 1.34x faster to uint8 with 5.24 (docs/models.md).
         """
         import torch
 

@@ -70,7 +70,7 @@ class _RollingFile:
         self.fs.makedirs(self.dir, exist_ok=True)
         path = f"{self.dir}/{self.prefix}-{self.seq:05d}.parquet"
         self.out = storage.AtomicWriter(self.fs, path)
-        self.writer = pq.ParquetWriter(self.out.handle, self.schema, compression="zstd", **parquet_options(self.schema))
+        self.writer = pq.ParquetWriter(self.out.handle, self.schema, **parquet_options(self.schema))
         self.seq, self.opened_at = self.seq + 1, time.monotonic()
 
     def close(self) -> None:
