@@ -65,10 +65,7 @@ class ReplayActor(ScoringActor):
     EMBEDDING_DIM = 768
 
     def __init__(self, *, model, revision, device, dtype, top_k, storage_options):  # noqa: ARG002 - the pool's
-        import threading
-
-        self.scorer = ReplayScorer(self.EMBEDDING_DIM, top_k)
-        self._schemas, self._model_lock = {}, threading.Lock()
+        self._attach(ReplayScorer(self.EMBEDDING_DIM, top_k), None)  # no preprocessing: no pixels
 
     def preprocessing(self) -> dict:
         return {"replayed": True}

@@ -40,6 +40,7 @@ class Placement:
     device: str
     num_gpus: float
     num_cpus: float
+    spare_cpus: float = 0.0  # the cluster's CPUs the actors leave, for decode tasks
 
 
 def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placement:
@@ -58,7 +59,7 @@ def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placeme
             f"CPU for decoding need {needed:g} CPUs but the cluster has {cpus:g}; lower "
             "--num-actors, --cpus-per-actor or --decode-cpus")
     return Placement("cuda" if use_gpu else "cpu", settings.gpus_per_actor if use_gpu else 0.0,
-                     settings.cpus_per_actor)
+                     settings.cpus_per_actor, cpus - settings.num_actors * settings.cpus_per_actor)
 
 
 def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
@@ -156,9 +157,7 @@ def stream_plan(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, poo
     decode = {"max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode,
               "device_jpeg": settings.device_decode, "storage_options": settings.storage_options}
     context = BatchContext(run_id, ref.name, writer.spec, decode, model_revision=ref.revision)
-    cpus, _ = cluster_resources()
-    window = window_for(settings.decode_cpus, cpus - settings.num_actors * placement.num_cpus, settings.num_actors,
-                        pool.spec.concurrency)
+    window = window_for(settings.decode_cpus, placement.spare_cpus, settings.num_actors, pool.spec.concurrency)
     logger.info("scoring %d images in batches of %d on %d actors (%s), %s, up to %d batches in flight per actor",
                 plan.num_rows, settings.batch_size, settings.num_actors, placement.device,
                 f"decode tasks of {settings.decode_cpus:g} CPU" if settings.decode_cpus else "decoding in the actors",

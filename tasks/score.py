@@ -48,11 +48,15 @@ class ScoringActor:
         # imported here: the driver names this class without loading torch
         from deit_model import create_scorer, load_preprocessor
 
-        self.scorer = create_scorer(model, revision=revision, device=device, dtype=dtype,
-                                    top_k=top_k, storage_options=storage_options)
+        scorer = create_scorer(model, revision=revision, device=device, dtype=dtype,
+                               top_k=top_k, storage_options=storage_options)
         # the checkpoint's own preprocessing: applied here when the actor decodes,
         # and reported for the output's lineage either way
-        self.preprocessor = load_preprocessor(self.scorer.ref.local_dir)
+        self._attach(scorer, load_preprocessor(scorer.ref.local_dir))
+
+    def _attach(self, scorer, preprocessor) -> None:
+        """Hold ``scorer`` and ``preprocessor``, with the per-actor state the calls share."""
+        self.scorer, self.preprocessor = scorer, preprocessor
         self._schemas: dict[OutputSpec, pa.Schema] = {}
         self._model_lock = threading.Lock()  # one forward pass at a time: bounded device memory
 

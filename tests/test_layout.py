@@ -133,6 +133,8 @@ def test_placement_cpu_and_gpu():
     assert plan_placement(_settings(), cpus=2, gpus=0).device == "cpu"
     gpu = plan_placement(_settings(num_actors=2, gpus_per_actor=0.5), cpus=16, gpus=1)
     assert gpu.device == "cuda" and gpu.num_gpus == 0.5
+    # what the actors leave is what decode tasks may use (the window per actor follows from it)
+    assert gpu.spare_cpus == 16 - 2 * gpu.num_cpus
 
 
 @pytest.mark.parametrize("kw, cpus, gpus, match", [

@@ -58,10 +58,13 @@ def two_node_cluster(session_tmp):
     logs = session_tmp / "ray-multinode"
     logs.mkdir(exist_ok=True)
     procs = []
+    # killpg's SIGTERM reaches the head's GCS too, so the head's drain of itself can only time
+    # out (30 s by default); the test's nodes have nothing to drain
+    node_env = {**_ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
     def start(name: str, args: list[str]) -> None:
         with open(logs / f"{name}.log", "wb") as log:
-            procs.append(subprocess.Popen([str(BIN / "ray"), "start", *args, *common], env=_ray_env(),
+            procs.append(subprocess.Popen([str(BIN / "ray"), "start", *args, *common], env=node_env,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def add_worker_node() -> None:
