@@ -8,6 +8,7 @@ special-cased: 16/32-bit integer images, which PIL would clip instead of scale.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -42,26 +43,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
     """
     if not data:
         raise DecodeError(EMPTY, "object is empty (0 bytes)")
-    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            # PIL checks inside Image.open (warning past MAX_IMAGE_PIXELS, raising past
-            # twice that), before our own check can run: lift its limit to ours for
-            # this call so a larger --max-pixels takes effect, and report ours
-            # instead of its warning. Restored below: it is process-wide.
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            Image.MAX_IMAGE_PIXELS = pil_limit
-            width, height = img.size
-            if width * height > max_pixels:
-                raise DecodeError(
-                    TOO_LARGE, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-                )
-            if draft_side and img.format == "JPEG":
-                img.draft(img.mode, (draft_side, draft_side))
-            img.load()  # decode now, so truncation is reported here
-            img = ImageOps.exif_transpose(img)
+        img = _open(data, max_pixels)
+        width, height = img.size
+        if width * height > max_pixels:
+            raise DecodeError(
+                TOO_LARGE, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            )
+        if draft_side and img.format == "JPEG":
+            img.draft(img.mode, (draft_side, draft_side))
+        img.load()  # decode now, so truncation is reported here
+        img = ImageOps.exif_transpose(img)
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:
@@ -73,9 +65,30 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
         raise DecodeError(TOO_LARGE, str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(CORRUPT, f"cannot decode image: {exc}") from exc
-    finally:
-        Image.MAX_IMAGE_PIXELS = pil_limit
     return to_rgb(img)
+
+
+# Image.MAX_IMAGE_PIXELS and the warning filters are process-wide, and a GPU actor decodes on
+# two threads: without the lock one thread's restore could land inside another's open
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` with PIL's own pixel limit lifted to ``max_pixels`` (headers only: cheap).
+
+    PIL checks inside Image.open (warning past MAX_IMAGE_PIXELS, raising past
+    twice that), before our own check can run: its limit follows ours for this
+    call so a larger --max-pixels takes effect, and ours is reported instead of
+    its warning.
+    """
+    with _OPEN_LOCK, warnings.catch_warnings():
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -91,14 +104,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def device_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+def device_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, fits=None) -> bool:
     """Whether a GPU's JPEG decoder may decode ``data`` in place of :func:`decode_image`.
 
     Only the plain case qualifies, read from the headers (about 40 us): a complete
     baseline 3-channel YCbCr JPEG, upright (EXIF orientation 1), within ``max_pixels``.
     Everything else (other formats, grayscale, CMYK, Adobe RGB-coded, progressive, rotated,
     truncated or broken files) goes through :func:`decode_image`, so it decodes, or fails
-    with its error type, exactly as without a GPU decoder.
+    with its error type, exactly as without a GPU decoder. So does one for which
+    ``fits(width, height)`` is false (the caller's check of what its resize would make).
     """
     if data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return False  # not a JPEG, or cut short: PIL reports truncation; a GPU decoder might not
@@ -109,6 +123,6 @@ def device_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
             width, height = img.size
             return (img.format == "JPEG" and img.mode == "RGB" and width * height <= max_pixels
                     and not img.info.get("progressive") and img.info.get("adobe_transform", 1) != 0
-                    and img.getexif().get(0x0112, 1) == 1)
+                    and img.getexif().get(0x0112, 1) == 1 and (fits is None or fits(width, height)))
     except Exception:  # noqa: BLE001 - unreadable headers: decode_image says why
         return False

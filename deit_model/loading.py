@@ -186,8 +186,9 @@ def _fetch_remote_dir(uri: str, storage_options: dict, identify: bool = True) ->
             os.replace(tmp, target) if not target.exists() else None
         except FileNotFoundError as exc:
             raise ModelLoadError(f"model directory {uri!r} does not exist or is empty") from exc
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read model directory {uri!r}: {exc}") from exc
+        except Exception as exc:  # OSError, and what drivers raise besides: unknown scheme, no credentials
+            detail = next((line for line in str(exc).splitlines() if line.strip()), "")
+            raise ModelLoadError(f"cannot read model directory {uri!r}: {type(exc).__name__}: {detail}") from exc
     _check_weights(str(target))
     return CheckpointRef(uri.rstrip("/").rsplit("/", 1)[-1], str(target), uri,
                          content_hash(str(target)) if identify else None)

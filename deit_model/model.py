@@ -115,7 +115,7 @@ def inspect_checkpoint(local_dir: str) -> CheckpointInfo:
     if arch not in _HF_ARCHITECTURES:
         raise ModelLoadError(
             f"checkpoint architecture {arch!r} is not supported; supported: "
-            + ", ".join(supported_architectures()) + ", or any timm model")
+            + ", ".join(supported_architectures()) + ", or a timm model (save_for_hf)")
     id2label = cfg.get("id2label") or {}
     num_labels = len(id2label) or int(cfg.get("num_labels", 2))
     labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_labels)]
@@ -135,11 +135,26 @@ def create_model(local_dir: str, device: torch.device, dtype: torch.dtype) -> Lo
         from .timm_backend import create_timm_model
 
         module, forward = create_timm_model(local_dir), _timm_forward
+        _check_timm_width(module, info)
     else:
         module, forward = _create_hf_model(local_dir, info, dtype), _HF_ARCHITECTURES[info.architecture]
     module.to(device=device, dtype=dtype).eval()
     logger.info("loaded %s (%s %s) on %s as %s", local_dir, info.backend, info.architecture, device, dtype)
     return LoadedModel(module, forward, info)
+
+
+def _check_timm_width(module: torch.nn.Module, info: CheckpointInfo) -> None:
+    """Refuse a timm model whose pooled embedding is not config.json's ``num_features`` wide.
+
+    The output's embedding column is sized from config.json before any model
+    is built (the driver never imports torch); models with a hidden layer in
+    their head (MobileNetV3, say: ``head_hidden_size``) pool to another width.
+    """
+    width = getattr(module, "head_hidden_size", None) or module.num_features
+    if width != info.embedding_dim:
+        raise ModelLoadError(
+            f"timm {info.architecture}: its pooled embedding is {width} wide, not config.json's num_features "
+            f"({info.embedding_dim}); timm models with a hidden layer in the head are not supported")
 
 
 def _timm_forward(model, pixel_values: torch.Tensor) -> ModelOutputs:

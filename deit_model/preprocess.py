@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -68,6 +68,22 @@ class Preprocessor:
 
     def min_decode_side(self) -> int:
         """Smallest side an image may be decoded to without the resize step upsampling it."""
+        raise NotImplementedError
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) that the resize step makes of an image this size, before any crop.
+
+        A shortest-edge resize makes a thin image huge (1 x 4,000 under timm's 248: 248 x 992,000
+        pixels); decode checks this against ``--max-pixels`` before it runs.
+        """
+        rule, value = self._resize()
+        if rule == "shortest_edge":
+            scale = value / max(min(width, height), 1)
+            return max(round(width * scale), value), max(round(height * scale), value)
+        return value if rule == "fixed" else (width, height)
+
+    def _resize(self) -> tuple[str | None, Any]:
+        """The resize step: ("shortest_edge", side), ("fixed", (width, height)) or (None, None)."""
         raise NotImplementedError
 
     def input_shape(self) -> tuple[int, int, int]:
@@ -137,6 +153,12 @@ class HFPreprocessor(Preprocessor):
 
     def to_dict(self) -> dict:
         return {"library": "transformers", "class": type(self.processor).__name__, **self.processor.to_dict()}
+
+    def _resize(self) -> tuple[str | None, Any]:
+        size = dict(getattr(self.processor, "size", None) or {})
+        if size.get("shortest_edge"):
+            return "shortest_edge", size["shortest_edge"]
+        return ("fixed", (size["width"], size["height"])) if size.get("height") and size.get("width") else (None, None)
 
     def min_decode_side(self) -> int:
         size = dict(getattr(self.processor, "size", None) or {})
@@ -217,6 +239,12 @@ class TimmPreprocessor(Preprocessor):
 
     def to_dict(self) -> dict:
         return {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}}
+
+    def _resize(self) -> tuple[str | None, Any]:
+        # the eval transform's crop_mode "center" (the default) resizes the shortest edge;
+        # "squash" and "border" fit the image into a square of that side
+        side = self.min_decode_side()
+        return ("shortest_edge", side) if self.config.get("crop_mode", "center") == "center" else ("fixed", (side, side))
 
     def min_decode_side(self) -> int:
         # timm resizes the shortest edge to input_size / crop_pct before cropping

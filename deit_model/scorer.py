@@ -95,6 +95,10 @@ class Scorer:
         """Score a batch of preprocessed pixels (N, 3, H, W); optionally keep unpooled tokens."""
         x = torch.as_tensor(pixel_values).to(self.device, self.dtype, non_blocking=True)
         out = self.model(x)
+        if token_features and out.features.dim() != 3:
+            raise ValueError(f"token features need a (tokens, width) feature map per image; "
+                             f"{self.ref.name} gives {tuple(out.features.shape[1:])} (a CNN's channels x height "
+                             "x width): score it without --token-features")
         logits = out.logits.float()  # activations and top-k in fp32 whatever the model dtype
         probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         scores, ids = torch.topk(probs, self.top_k, dim=-1)  # sorted, best first

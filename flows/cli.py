@@ -8,6 +8,7 @@ Options are generated from :class:`tasks.settings.ScoreSettings`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -107,6 +108,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``score-images`` argument parser."""
     parser = _Parser(prog="score-images", description=__doc__.split("\n\n")[0],
@@ -123,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Generate sample images and score them with the default model, "
                                       "or with a random-weight copy of it when the hub is unreachable.")
     demo.add_argument("--output", default="demo-output", help="where to write (default: demo-output)")
-    demo.add_argument("--num-images", type=int, default=24, help="sample images to generate (default: 24)")
+    demo.add_argument("--num-images", type=_positive_int, default=24, help="sample images to generate (default: 24)")
     runs = sub.add_parser("runs", help="list the runs under --output, or show one run's manifest",
                           description="List runs (newest last) with their status and counts, or print one "
                                       "run's manifest as JSON with --run-id.")
@@ -167,6 +178,7 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     """
     from deit_model import ModelLoadError, check_preprocessing, resolve_checkpoint
     from tasks.enumerate import list_images
+    from tasks.storage import filesystem
 
     try:
         settings = ScoreSettings(**params)
@@ -175,10 +187,28 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     try:
         ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         check_preprocessing(ref.local_dir)  # inspects the config (architecture) first
-        next(iter(list_images(settings.input, settings.storage_options)), None)
-    except (ModelLoadError, OSError) as exc:
+    except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
+    with storage_checked(settings.input):
+        next(iter(list_images(settings.input, settings.storage_options)), None)
+    with storage_checked(settings.output):  # scheme, driver and credentials, before Ray and Prefect start
+        fs, path = filesystem(settings.output, settings.storage_options)
+        fs.exists(path)
     return settings, ref
+
+
+@contextlib.contextmanager
+def storage_checked(uri: str):
+    """Turn what a storage call on ``uri`` raises (any driver's exceptions) into a one-line UsageError."""
+    from tasks.storage import first_line, is_backend_error, translate_error
+
+    try:
+        yield
+    except Exception as exc:
+        if not is_backend_error(exc):
+            raise
+        message = first_line(translate_error(exc, uri))
+        raise UsageError(message if uri in message else f"{uri}: {message}") from None
 
 
 def run_flow(params: dict) -> int:
@@ -225,13 +255,16 @@ def show_runs(output: str, run_id: str | None = None, storage_options: dict | No
     from tasks.report import list_runs, read_manifest
 
     if run_id:
-        summary = read_manifest(output, run_id, storage_options)
+        with storage_checked(output):
+            summary = read_manifest(output, run_id, storage_options)
         if summary is None:
             raise UsageError(f"no run {run_id!r} under {output}; 'score-images runs --output {output}' lists them")
         print(json.dumps(asdict(summary), indent=2, default=str))
         return EXIT_OK
+    with storage_checked(output):
+        runs = list_runs(output, storage_options)
     print(f"{'run_id':<28} {'status':<11} {'started_at':<26} {'listed':>8} {'scored':>8} {'failed':>7}  model")
-    for r in list_runs(output, storage_options):
+    for r in runs:
         print(f"{r.run_id:<28} {r.status:<11} {r.started_at:<26} {r.listed:>8} {r.scored:>8} {r.failed:>7}  {r.model}")
     return EXIT_OK
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,14 @@ def run_demo(output: str = "demo-output", num_images: int = 24) -> int:
     out = Path(output).resolve()
     images = out / "sample-images"
     if not images.exists():  # generated once: a second demo run shows the incremental skip
-        generate_sample_images(images, num_images)
+        # into a temporary folder first, so an interrupted generation is not taken for a whole one
+        partial = out / "sample-images.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        generate_sample_images(partial, num_images)
+        partial.rename(images)
+    elif len(list(images.glob("sample-*"))) != num_images:
+        logger.warning("%s already holds %d sample images; scoring those (--num-images applies to a new "
+                       "--output)", images, len(list(images.glob("sample-*"))))
     params = {"input": str(images), "output": str(out), "model": demo_model(),
               # fractional reservations so the demo also fits a 1- or 2-core machine
               "cpus_per_actor": 0.5, "decode_cpus": 0.5, "batch_size": 8}

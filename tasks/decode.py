@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 from typing import Any
 
 import numpy as np
 
 from deit_model import DecodeError, Preprocessor, decode_image, device_decodable
-from deit_model.decode import NOT_FOUND, READ_ERROR
+from deit_model.decode import NOT_FOUND, READ_ERROR, TOO_LARGE
 
 from . import storage
 
@@ -48,6 +49,9 @@ def decode_batch(
     draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
     n = len(uris)
+
+    def fits(width: int, height: int) -> bool:  # one that does not is PIL's, to become its error row
+        return math.prod(preprocessor.resized_size(width, height)) <= max_pixels
     errors: list[tuple[str, str] | None] = [None] * n
     to_pil: dict[int, bytes] = {}
     jpeg: dict[int, bytes] = {}
@@ -55,7 +59,7 @@ def decode_batch(
         if isinstance(data, OSError):
             kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
             errors[i] = (kind, str(data))
-        elif device_jpeg and device_decodable(data, max_pixels):
+        elif device_jpeg and device_decodable(data, max_pixels, fits=fits):
             jpeg[i] = data
         else:
             to_pil[i] = data
@@ -105,12 +109,27 @@ def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Prepro
     for i, data in datas.items():
         try:
             images[i] = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
+            check_resized(images[i].size, preprocessor, max_pixels)
         except DecodeError as exc:
+            images.pop(i, None)
             errors[i] = (exc.error_type, str(exc))
     rows = list(images)
     dense = np.zeros((len(rows), *preprocessor.input_shape()), dtype=np.uint8 if uint8 else np.float32)
     _preprocess_into(dense, list(images.values()), rows, preprocessor.to_uint8 if uint8 else preprocessor, errors)
     return rows, dense
+
+
+def check_resized(size: tuple[int, int], preprocessor: Preprocessor, max_pixels: int) -> None:
+    """Raise DecodeError (too_many_pixels) if the resize step would make more than ``max_pixels``.
+
+    A thin image (1 x 4,000, a few hundred bytes) is within any pixel limit, but a
+    shortest-edge resize makes it 248 x 992,000 before the crop: gigabytes that would
+    kill its process (and, after the crash isolation's bisection, cost many deaths).
+    """
+    width, height = preprocessor.resized_size(*size)
+    if width * height > max_pixels:
+        raise DecodeError(TOO_LARGE, f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels "
+                                     f"before the crop, over the limit of {max_pixels}")
 
 
 def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor, device) -> tuple[dict, Any]:

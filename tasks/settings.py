@@ -98,6 +98,8 @@ class ScoreSettings(BaseModel):
     def _one_decode_shortcut(self) -> "ScoreSettings":
         if self.fast_decode and self.device_decode:
             raise ValueError("fast_decode and device_decode are alternative ways to decode faster: choose one")
+        if self.device == "cuda" and self.gpus_per_actor == 0:
+            raise ValueError("device=cuda needs gpus_per_actor above 0 (actors without a GPU run on the CPU)")
         return self
 
     def resolved_ray_address(self) -> Optional[str]:

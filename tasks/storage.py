@@ -28,12 +28,23 @@ class InputNotFoundError(FileNotFoundError):
 _LISTING_CACHES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 
 
+class StorageConfigError(OSError):
+    """``uri`` cannot be reached as configured: unknown scheme, missing driver, no credentials."""
+
+
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
-    """``(fs, path)`` for ``uri``; plain paths are local files."""
+    """``(fs, path)`` for ``uri``; plain paths are local files.
+
+    An unknown scheme (fsspec's ValueError) or a scheme whose driver is not
+    installed (ImportError, e.g. gcsfs for gs://) is a StorageConfigError.
+    """
     options = dict(storage_options or {})
     if fsspec.core.split_protocol(uri)[0] in _LISTING_CACHES:
         options.setdefault("use_listings_cache", False)
-    return fsspec.core.url_to_fs(uri, **options)
+    try:
+        return fsspec.core.url_to_fs(uri, **options)
+    except (ValueError, ImportError) as exc:
+        raise StorageConfigError(f"{uri}: {first_line(exc)}") from exc
 
 
 def join(base: str, *parts: str) -> str:
@@ -46,10 +57,29 @@ def to_uri(fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+# Where a storage driver's own exceptions come from; botocore's NoCredentialsError, say, is no OSError
+_BACKENDS = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp", "fsspec"}
+
+
+def is_backend_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError or was raised by a storage driver (so translate_error applies)."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _BACKENDS
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message on one line: some drivers' messages run to dozens (pyarrow's HDFS loader)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def translate_error(exc: BaseException, uri: str) -> OSError:
     """Map a backend exception to FileNotFoundError / PermissionError / OSError."""
     if isinstance(exc, OSError):
         return exc
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ProfileNotFound"):
+        return StorageConfigError(f"{uri}: {exc} (set the store's credentials in the environment, "
+                                  "e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
     text = f"{type(exc).__name__}: {exc}"
     response = getattr(exc, "response", None)  # botocore ClientError carries the S3 code
     code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""

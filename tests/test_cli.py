@@ -37,6 +37,9 @@ def test_help_lists_every_setting(capsys):
         (["run", "--input", "x", "--output", "y", "--dtype", "int8"], "invalid choice"),
         (["run", "--input", "x", "--output", "y", "--storage-options", "[1]"], "JSON object"),
         (["run", "--input", "x", "--output", "y", "--fast-decode", "--device-decode"], "choose one"),
+        (["run", "--input", "x", "--output", "y", "--device", "cuda", "--gpus-per-actor", "0"], "gpus_per_actor"),
+        (["demo", "--num-images", "0"], "at least 1"),
+        (["runs", "--output", "nosuchproto://x/"], "Protocol not known"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, expected):
@@ -53,6 +56,33 @@ def test_missing_input_exits_2(capsys, tmp_path, tiny_checkpoint):
     code, _, err = _run(capsys, "run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
                         "--model", str(tiny_checkpoint))
     assert code == EXIT_USAGE and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def _no_aws_credentials(monkeypatch, tmp_path):
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # else botocore asks the instance metadata service
+
+
+@pytest.mark.parametrize("where, uri, expected", [
+    ("input", "nosuchproto://bucket/in/", "Protocol not known"),
+    ("output", "nosuchproto://bucket/out/", "Protocol not known"),
+    ("output", "s3://bucket/out/", "credentials"),
+    ("runs", "s3://bucket/out/", "credentials"),
+])
+def test_unusable_storage_exits_2_with_one_line_before_anything_starts(capsys, tmp_path, monkeypatch,
+                                                                       tiny_checkpoint, image_dir, where, uri, expected):
+    """An unknown scheme or missing credentials are the driver's own exceptions: still one line, exit 2."""
+    _no_aws_credentials(monkeypatch, tmp_path)
+    paths = {"input": str(image_dir), "output": str(tmp_path / "o"), where: uri}
+    argv = (["runs", "--output", uri] if where == "runs" else
+            ["run", "--input", paths["input"], "--output", paths["output"], "--model", str(tiny_checkpoint)])
+    code, _, err = _run(capsys, *argv)
+    assert code == EXIT_USAGE, err
+    assert expected in err and uri in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing ran
 
 
 def test_unreachable_model_exits_2(capsys, tmp_path, monkeypatch, image_dir):

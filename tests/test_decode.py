@@ -116,6 +116,36 @@ def test_pixel_limit_above_pillows_default_is_honoured():
         PILImage.MAX_IMAGE_PIXELS = default
 
 
+def test_a_larger_pixel_limit_holds_while_another_thread_decodes():
+    """PIL's limit is process-wide and GPU actors decode on two threads: one thread's restore of
+    the default must not make the other's large image a false too_many_pixels."""
+    import struct
+    import sys
+    import threading
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # the header of a 200 MP PNG (over PIL's default, within the limit asked for), its data cut short
+    big = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 10_000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    small, stop, kinds = _encode(Image.new("RGB", (4, 4)), "PNG"), threading.Event(), set()
+    other = threading.Thread(target=lambda: [decode_image(small) for _ in iter(stop.is_set, True)])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a busy actor does
+    other.start()
+    try:
+        for _ in range(300):
+            with pytest.raises(DecodeError) as err:
+                decode_image(big, max_pixels=400_000_000)
+            kinds.add(err.value.error_type)
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(interval)
+    assert kinds == {d.CORRUPT}  # past the pixel check every time: the data is what is wrong
+
 
 def test_each_preprocessor_keeps_its_own_output_shape(tiny_checkpoint, photos, tmp_path):
     """decode_batch sizes pixels by the preprocessor it is given, kept on that object.
@@ -138,3 +168,33 @@ def test_each_preprocessor_keeps_its_own_output_shape(tiny_checkpoint, photos, t
         out = decode_batch(batch, preprocessor=pre, max_pixels=10**9, fast_decode=False, storage_options={})
         assert out["pixel_values"].shape[-1] == side and out["decoded"].all(), out["error_message"]
         assert pre.__dict__["_input_shape"] == (3, side, side)
+
+
+def test_a_thin_image_that_its_resize_would_make_huge_is_an_error_row(tiny_checkpoint, tmp_path):
+    """1 x 4,000 pixels is a few hundred bytes, but timm's shortest-edge resize to 248 would make it
+    248 x 992,000 (246 MP, gigabytes) before the crop: a too_many_pixels row, on both decode paths.
+    The transformers checkpoint resizes to a fixed 256 x 256 and scores the same image."""
+    pytest.importorskip("timm")
+    from deit_model import create_random_timm_checkpoint, load_preprocessor
+    from tasks.decode import decode_batch
+
+    timm_pre = load_preprocessor(str(create_random_timm_checkpoint(
+        "deit_base_distilled_patch16_224.fb_in1k", tmp_path / "c", depth=1, embed_dim=32, num_heads=2)))
+    assert timm_pre.resized_size(1, 4000) == (248, 992_000)
+    assert load_preprocessor(str(tiny_checkpoint)).resized_size(1, 4000) == (256, 256)
+    rng = np.random.default_rng(0)
+    uris = []
+    for name, size in (("thin.jpg", (1, 4000)), ("narrow.jpg", (2, 400)), ("photo.jpg", (500, 375))):
+        path = tmp_path / name
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+        uris.append(str(path))
+    batch = {"uri": np.array(uris, dtype=object)}
+    for pre, failed in ((timm_pre, [True, False, False]), (load_preprocessor(str(tiny_checkpoint)), [False] * 3)):
+        for device_jpeg in (False, True):
+            out = decode_batch(batch, preprocessor=pre, max_pixels=d.DEFAULT_MAX_PIXELS, fast_decode=False,
+                               storage_options={}, device_jpeg=device_jpeg)
+            assert list(~out["decoded"]) == failed, out["error_message"]
+            if failed[0]:
+                assert out["error_type"][0] == d.TOO_LARGE
+                assert "resizes to 248x992000" in out["error_message"][0]
+                assert device_jpeg is False or "jpeg_data" in out and out["jpeg_offsets"][1] == 0  # not sent on

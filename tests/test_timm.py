@@ -106,3 +106,33 @@ def test_timm_checkpoint_with_pickled_code_is_refused(tmp_path):
     torch.save(state, evil / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="refused to load .*possibly code"):
         create_scorer(str(evil), device="cpu")
+
+
+def test_a_timm_cnn_scores_as_timm_and_refuses_token_features(tmp_path, photos):
+    """Beyond ViTs: a ResNet's pooled features are its embedding; it has no tokens to keep."""
+    ckpt = create_random_timm_checkpoint("resnet10t.c3_in1k", tmp_path / "c")
+    model = timm.create_model("resnet10t.c3_in1k", pretrained=False).eval()
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    ref_x = torch.stack([transform(img) for img in _photos(photos)[:2]])
+    with torch.no_grad():
+        ref_ids = torch.topk(model(ref_x).softmax(dim=1), k=5).indices.numpy()
+        ref_emb = model.forward_head(model.forward_features(ref_x), pre_logits=True).numpy()
+    scorer = create_scorer(str(ckpt), top_k=5, device="cpu", dtype="fp32")
+    x = load_preprocessor(str(ckpt))(_photos(photos)[:2])
+    np.testing.assert_array_equal(x, ref_x.numpy())
+    ours = scorer.score(x)
+    np.testing.assert_array_equal(ours.label_ids, ref_ids)
+    np.testing.assert_allclose(ours.embedding, ref_emb, atol=1e-5)
+    assert ours.embedding.shape[1] == inspect_checkpoint(str(ckpt)).embedding_dim  # the column's width
+    with pytest.raises(ValueError, match="without --token-features"):
+        scorer.score(x, token_features=True)
+
+
+def test_a_timm_model_whose_embedding_is_not_num_features_wide_is_refused(tmp_path):
+    from deit_model import ModelLoadError
+
+    # MobileNetV3's head has a hidden layer: it pools to 1024, config.json says 288
+    ckpt = create_random_timm_checkpoint("mobilenetv3_small_050.lamb_in1k", tmp_path / "c")
+    with pytest.raises(ModelLoadError, match="1024 wide, not config.json's num_features .288."):
+        create_scorer(str(ckpt), device="cpu")
