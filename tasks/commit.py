@@ -86,7 +86,9 @@ def count_done(done: pa.Table) -> tuple[int, int, dict[str, int]]:
 def commit(summary: RunSummary, run: RunInfo, storage_options: dict | None = None) -> RunSummary:
     """Move the run's staged files into the dataset and mark it committed."""
     staged = staged_files(run, storage_options)
-    summary.files = sorted(moved_files(run, storage_options) + [final_uri(run, s, storage_options) for s in staged])
+    # a set: on an object store a move is a copy then a delete, so a commit that died between the
+    # two finds the file both moved and still staged
+    summary.files = sorted({*moved_files(run, storage_options), *(final_uri(run, s, storage_options) for s in staged)})
     summary.status = "committing"
     write_manifest(summary, run, storage_options)  # the intent, with the full file list
     _move(run, staged, storage_options)

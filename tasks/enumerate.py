@@ -49,12 +49,13 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
     """
     fs, path = storage.filesystem(input_uri, storage_options)
     try:
-        if _GLOB_CHARS & set(path):
-            entries = fs.glob(path, detail=True).items()
-        elif fs.isdir(path):
+        # what exists is taken as named: a folder called "shoot [2024]" is a folder, not a glob
+        if fs.isdir(path):
             entries = _walk(fs, path)
         elif fs.exists(path):
             entries = [(path, fs.info(path))]
+        elif _GLOB_CHARS & set(path):
+            entries = fs.glob(path, detail=True).items()
         else:
             raise storage.InputNotFoundError(
                 f"input {input_uri!r} does not exist; check the path or prefix "

@@ -100,7 +100,7 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     from .history import failed_uris, scored_versions, version_key
     from .inputs import list_inputs
 
-    listing = _listing_table(list_inputs(settings))
+    listing = unique_uris(_listing_table(list_inputs(settings)))
     counts = PlanCounts(listed=listing.num_rows)
     known = None  # URIs with an earlier successful prediction: what "changed" means
     if settings.only_failed:
@@ -127,6 +127,29 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     logger.info("plan: %d listed, %d new, %d changed, %d already scored", counts.listed, counts.new,
                 counts.changed, counts.skipped)
     return counts
+
+
+def unique_uris(listing: pa.Table) -> pa.Table:
+    """``listing`` with one row per URI: the newest listed version (by mtime, then the last listed).
+
+    A manifest can name an image twice (or as a path and as its file:// URI), and an S3
+    Inventory report of all versions has a row per version. Scoring each would write one
+    URI twice in one run; the output holds each planned URI exactly once.
+    """
+    if pc.count_distinct(listing["uri"]).as_py() == listing.num_rows:
+        return listing  # the usual case: one hash pass, no sort
+    mtime = listing["source_mtime"]  # a row without a time counts as the oldest
+    rows = listing.append_column("_row", pa.array(range(listing.num_rows), pa.int64())).append_column(
+        "_mtime", pc.fill_null(mtime, pa.scalar(datetime.min.replace(tzinfo=timezone.utc), mtime.type)))
+    order = rows.sort_by([("uri", "ascending"), ("_mtime", "ascending"), ("_row", "ascending")])
+    uris = order["uri"].combine_chunks()
+    # each URI's last row in that order: the one whose next row is another URI
+    keep = pa.concat_arrays([pc.not_equal(uris[:-1], uris[1:]), pa.array([True])])
+    kept = order.filter(keep).sort_by("_row").drop_columns(["_row", "_mtime"])  # back in listing order
+    logger.warning("%d listed rows name a URI listed before (a manifest naming an image twice, or a "
+                   "report of several versions); each URI is scored once, its newest version",
+                   listing.num_rows - kept.num_rows)
+    return kept
 
 
 def _listing_table(objects) -> pa.Table:

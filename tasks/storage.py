@@ -197,12 +197,17 @@ class AtomicWriter:
     def abort(self) -> None:
         """Drop what was written; never raises, so the error that caused it stays visible."""
         try:
-            if self.tmp == self.path and hasattr(self.handle, "discard"):
-                self.handle.discard()  # object stores: abandon the upload, nothing appears
+            if self.tmp == self.path:  # object stores: abandon the upload, nothing appears
+                discard = getattr(self.handle, "discard", None)
+                if discard is not None:
+                    discard()  # s3fs aborts its multipart upload; fsspec's default does nothing
+                if isinstance(self.handle, fsspec.spec.AbstractBufferedFile):
+                    # never closed: closing, or its finaliser doing so, uploads what was written
+                    self.handle.closed = True
             else:
                 self.handle.close()
-            if self.tmp != self.path and self.fs.exists(self.tmp):
-                self.fs.rm_file(self.tmp)
+                if self.fs.exists(self.tmp):
+                    self.fs.rm_file(self.tmp)
         except Exception:  # noqa: BLE001
             logger.warning("could not clean up %s", self.tmp, exc_info=True)
 

@@ -26,6 +26,17 @@ def test_glob_and_single_file(image_dir):
     assert len(one) == 1 and one[0].size == (image_dir / "photos" / "china.jpg").stat().st_size
 
 
+def test_a_folder_or_file_whose_name_has_glob_characters_is_taken_as_named(tmp_path, photos):
+    import shutil
+
+    folder = tmp_path / "shoot [2024]"  # as a glob, [2024] would match one character, not this folder
+    folder.mkdir()
+    shutil.copy(photos / "china.jpg", folder / "a*.jpg")
+    shutil.copy(photos / "flower.jpg", folder / "b.jpg")
+    assert sorted(o.uri.rsplit("/", 1)[-1] for o in list_images(str(folder))) == ["a*.jpg", "b.jpg"]
+    assert [o.uri.rsplit("/", 1)[-1] for o in list_images(str(folder / "a*.jpg"))] == ["a*.jpg"]
+
+
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputNotFoundError, match="does not exist"):
         list(list_images(str(tmp_path / "missing")))

@@ -74,6 +74,29 @@ def test_manifests(kind, image_dir, tmp_path):
     assert all(o.size for o in objs if not o.uri.endswith("gone.jpg"))
 
 
+def test_an_image_listed_twice_is_planned_once_as_its_newest_version(image_dir, tmp_path):
+    """A manifest naming one image twice (as a path and as a URI), or an inventory of versions."""
+    from tasks.enumerate import ImageObject, plan_table, read_plan
+    from tasks.plan import new_run, plan_run, unique_uris
+
+    files = sorted(str(p) for p in (image_dir / "photos").iterdir())[:3]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(files + [f"file://{files[0]}", files[1]]) + "\n")
+    settings = ScoreSettings(input=str(manifest), output=str(tmp_path / "o"))
+    run = new_run(settings)
+    counts = plan_run(settings, run, "m", "r")
+    plan = read_plan(run.plan_uri)
+    assert counts.listed == counts.to_score == plan.num_rows == 3
+    assert sorted(plan["uri"].to_pylist()) == sorted(f"file://{f}" for f in files)
+
+    day = lambda d: datetime(2026, 1, d, tzinfo=timezone.utc)  # noqa: E731
+    versions = plan_table([ImageObject("s3://b/a.jpg", 1, "v1", day(1)), ImageObject("s3://b/z.jpg", 1, "z", None),
+                           ImageObject("s3://b/a.jpg", 3, "v3", day(3)), ImageObject("s3://b/a.jpg", 2, "v2", day(2)),
+                           ImageObject("s3://b/z.jpg", 2, "z2", None)])
+    kept = unique_uris(versions).to_pylist()
+    assert [(r["uri"], r["source_etag"]) for r in kept] == [("s3://b/a.jpg", "v3"), ("s3://b/z.jpg", "z2")]
+
+
 def test_manifest_without_uri_column_is_an_error(tmp_path):
     bad = tmp_path / "bad.csv"
     pcsv.write_csv(pa.table({"name": ["a.jpg"]}), bad)
@@ -124,3 +147,46 @@ def test_a_resume_compares_what_the_run_computes_and_defaults_what_its_manifest_
         resumed_run(settings.model_copy(update={"device_decode": True}), previous)
     with pytest.raises(ValueError, match="different top_k"):
         resumed_run(settings.model_copy(update={"top_k": 5}), previous)
+
+
+def test_a_commit_killed_between_a_copy_and_its_delete_lists_each_file_once(tmp_path, monkeypatch):
+    """On object stores a move is a copy and a delete; dying between them leaves a file in both places."""
+    import io
+    import secrets
+
+    import fsspec
+
+    from tasks.commit import commit, roll_forward
+    from tasks.history import committed_files, committed_runs, read_files
+    from tasks.plan import RunInfo
+    from tasks.report import RunSummary, read_manifest, write_manifest
+
+    fs, out = fsspec.filesystem("memory"), f"memory://b-{secrets.token_hex(4)}/scores"
+    run = RunInfo("20260101T000000Z-abcdef", "2026-01-01", "2026-01-01T00:00:00+00:00", out)
+    for i in range(2):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"uri": [f"s3://x/{i}.jpg"], "source_size": [1], "source_etag": ["e"],
+                                 "source_mtime": pa.array([None], pa.timestamp("us", tz="UTC")),
+                                 "model_revision": ["r"]}), buf)
+        fs.pipe(f"{out}/_staging/{run.run_id}/predictions/model_slug=m/run_date=2026-01-01/"
+                f"part-{run.run_id}-aaaaaa-{i:05d}.parquet", buf.getvalue())
+    summary = RunSummary(run.run_id, "running", "m", "in", out, run_date=run.run_date, started_at=run.started_at)
+    write_manifest(summary, run)
+    real_rm, calls = type(fs).rm, []
+
+    def killed_once(self, path, *args, **kwargs):
+        if "_staging" in str(path) and not calls:
+            calls.append(path)
+            raise KeyboardInterrupt("killed between the copy and the delete")
+        return real_rm(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "rm", killed_once)
+    with pytest.raises(KeyboardInterrupt):
+        commit(summary, run)
+    monkeypatch.setattr(type(fs), "rm", real_rm)
+    assert read_manifest(out, run.run_id).status == "committing" and calls
+    assert roll_forward(out) == [run.run_id]
+    manifest = read_manifest(out, run.run_id)
+    assert manifest.status == "committed" and len(manifest.files) == len(set(manifest.files)) == 2
+    rows = read_files(committed_files(committed_runs(out), "predictions"), ["uri"])
+    assert sorted(rows["uri"].to_pylist()) == ["s3://x/0.jpg", "s3://x/1.jpg"]

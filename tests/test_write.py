@@ -56,3 +56,40 @@ def test_floats_and_unique_strings_skip_dictionaries_and_vectors_statistics(tmp_
     emb = duckdb.sql(f"select embedding from read_parquet('{path.removeprefix('file://')}') order by uri").fetchall()
     np.testing.assert_array_equal(np.array([r[0] for r in emb], dtype=np.float16),
                                   np.stack(batch["embedding"].to_pylist()).astype(np.float16))
+
+
+def test_an_aborted_object_store_write_never_publishes_what_was_written(s3fs_client, s3_bucket):
+    """gcsfs and adlfs handles keep fsspec's do-nothing discard(): closing one, or letting the
+    garbage collector close it, would finish the upload with the part written so far."""
+    import gc
+
+    from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+    from tasks.storage import AtomicWriter
+
+    store: dict[str, bytes] = {}
+
+    class BufferedFile(AbstractBufferedFile):  # uploads in chunks; the object appears on the final one
+        def _initiate_upload(self):
+            self.parts = []
+
+        def _upload_chunk(self, final=False):
+            self.parts.append(self.buffer.getvalue())
+            if final:
+                store[self.path] = b"".join(self.parts)
+            return True
+
+    class ChunkedStore(AbstractFileSystem):
+        protocol = "chunked"
+
+        def _open(self, path, mode="rb", **kwargs):
+            return BufferedFile(self, path, mode, block_size=5)
+
+    for fs, path in ((ChunkedStore(), "bucket/_runs/r/manifest.json"), (s3fs_client, f"{s3_bucket}/manifest.json")):
+        writer = AtomicWriter(fs, path)
+        writer.handle.write(b'{"run_id": "r", "sta')  # then the write fails: write_atomic aborts
+        writer.abort()
+        del writer
+        gc.collect()
+        assert not store
+        assert fs is not s3fs_client or not s3fs_client.exists(path)
