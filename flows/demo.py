@@ -85,9 +85,9 @@ def run_demo(output: str = "demo-output", num_images: int = 24) -> int:
         shutil.rmtree(partial, ignore_errors=True)
         generate_sample_images(partial, num_images)
         partial.rename(images)
-    elif len(list(images.glob("sample-*"))) != num_images:
+    elif (held := len(list(images.glob("sample-*")))) != num_images:
         logger.warning("%s already holds %d sample images; scoring those (--num-images applies to a new "
-                       "--output)", images, len(list(images.glob("sample-*"))))
+                       "--output)", images, held)
     params = {"input": str(images), "output": str(out), "model": demo_model(),
               # fractional reservations so the demo also fits a 1- or 2-core machine
               "cpus_per_actor": 0.5, "decode_cpus": 0.5, "batch_size": 8}

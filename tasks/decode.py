@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import sys
 from typing import Any
 
@@ -51,7 +50,8 @@ def decode_batch(
     n = len(uris)
 
     def fits(width: int, height: int) -> bool:  # one that does not is PIL's, to become its error row
-        return math.prod(preprocessor.resized_size(width, height)) <= max_pixels
+        return resize_overflow((width, height), preprocessor, max_pixels) is None
+
     errors: list[tuple[str, str] | None] = [None] * n
     to_pil: dict[int, bytes] = {}
     jpeg: dict[int, bytes] = {}
@@ -109,7 +109,9 @@ def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Prepro
     for i, data in datas.items():
         try:
             images[i] = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
-            check_resized(images[i].size, preprocessor, max_pixels)
+            overflow = resize_overflow(images[i].size, preprocessor, max_pixels)
+            if overflow:
+                raise DecodeError(TOO_LARGE, overflow)
         except DecodeError as exc:
             images.pop(i, None)
             errors[i] = (exc.error_type, str(exc))
@@ -119,17 +121,18 @@ def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Prepro
     return rows, dense
 
 
-def check_resized(size: tuple[int, int], preprocessor: Preprocessor, max_pixels: int) -> None:
-    """Raise DecodeError (too_many_pixels) if the resize step would make more than ``max_pixels``.
+def resize_overflow(size: tuple[int, int], preprocessor: Preprocessor, max_pixels: int) -> str | None:
+    """Why an image of ``size`` must not be resized (more than ``max_pixels`` before the crop), or None.
 
     A thin image (1 x 4,000, a few hundred bytes) is within any pixel limit, but a
     shortest-edge resize makes it 248 x 992,000 before the crop: gigabytes that would
     kill its process (and, after the crash isolation's bisection, cost many deaths).
     """
     width, height = preprocessor.resized_size(*size)
-    if width * height > max_pixels:
-        raise DecodeError(TOO_LARGE, f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels "
-                                     f"before the crop, over the limit of {max_pixels}")
+    if width * height <= max_pixels:
+        return None
+    return (f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels before the crop, "
+            f"over the limit of {max_pixels}")
 
 
 def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor, device) -> tuple[dict, Any]:
