@@ -45,7 +45,7 @@ class ReplayScorer(Scorer):
         from deit_model import CheckpointRef
         from deit_model.random_checkpoint import imagenet_labels
 
-        self.device, self.multi_label, self.id2label = torch.device("cpu"), False, imagenet_labels()
+        self.device, self.activation, self.id2label = torch.device("cpu"), "softmax", imagenet_labels()
         self.top_k, self.embedding_dim = top_k, embedding_dim
         self.ref = CheckpointRef("replayed", "", "replayed", "replayed")
         self.rng = np.random.default_rng(0)

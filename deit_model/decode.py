@@ -23,6 +23,7 @@ CORRUPT = "corrupt_image"
 TOO_LARGE = "too_many_pixels"
 READ_ERROR = "read_error"
 NOT_FOUND = "not_found"
+PREPROCESS_ERROR = "preprocess_error"  # raised by the checkpoint's preprocessing, not by decoding
 
 
 class DecodeError(Exception):
@@ -53,6 +54,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
         if draft_side and img.format == "JPEG":
             img.draft(img.mode, (draft_side, draft_side))
         img.load()  # decode now, so truncation is reported here
+        source_format = img.format  # a rotated copy has none
         img = ImageOps.exif_transpose(img)
     except DecodeError:
         raise
@@ -65,7 +67,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
         raise DecodeError(TOO_LARGE, str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(CORRUPT, f"cannot decode image: {exc}") from exc
-    return to_rgb(img)
+    return to_rgb(img, source_format)
 
 
 # Image.MAX_IMAGE_PIXELS and the warning filters are process-wide, and a GPU actor decodes on
@@ -91,15 +93,21 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB as the references do."""
+def to_rgb(img: Image.Image, source_format: str | None = None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB as the references do, 16-bit greyscale scaled.
+
+    ``source_format`` is the file's format (``img.format`` if not given).
+    """
     if img.mode == "RGB":
         return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # convert("RGB") clips these to 0..255; scale the 16-bit range instead.
+    if img.mode.startswith("I;16") or (img.mode == "I" and (source_format or img.format) == "PPM"):
+        # 16-bit greyscale, which convert("RGB") would clip to 0..255 (almost all white):
+        # scale 0..65535 instead. Pillow opens a 16-bit PGM as mode I, already rescaled from
+        # its maxval to 0..65535. The scale is the file's, never the pixels' (a dark image
+        # must not come out 257 times brighter than a bright one); any other mode I (32-bit
+        # TIFF) has no known range and is converted as the references convert it.
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        gray = np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     return img.convert("RGB")
 

@@ -47,7 +47,7 @@ class CheckpointInfo:
     architecture: str
     embedding_dim: int
     labels: list[str]
-    multi_label: bool = False
+    activation: str = "softmax"  # "softmax", "sigmoid" or "none", as transformers' pipeline chooses
     extra: dict = field(default_factory=dict)
 
     @property
@@ -120,7 +120,20 @@ def inspect_checkpoint(local_dir: str) -> CheckpointInfo:
     num_labels = len(id2label) or int(cfg.get("num_labels", 2))
     labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_labels)]
     return CheckpointInfo("transformers", arch, int(cfg["hidden_size"]), labels,
-                          multi_label=cfg.get("problem_type") == "multi_label_classification")
+                          activation=hf_activation(cfg.get("problem_type"), num_labels))
+
+
+def hf_activation(problem_type: str | None, num_labels: int) -> str:
+    """The activation transformers' image-classification pipeline applies by default.
+
+    Its rule, in its order: none for regression; sigmoid for multi-label or a single
+    logit (a one-label "is it X" fine-tune, whose softmax would always be 1.0); else softmax.
+    """
+    if problem_type == "regression":
+        return "none"
+    if problem_type == "multi_label_classification" or num_labels == 1:
+        return "sigmoid"
+    return "softmax"
 
 
 def embedding_dim(local_dir: str) -> int:

@@ -1,9 +1,10 @@
 """The scorer: preprocessed pixels in, top-k labels, scores and embeddings out.
 
 Pixels come from the checkpoint's own preprocessing (:mod:`.preprocess`). The
-activation is softmax, or sigmoid when the checkpoint's config says
-``problem_type: multi_label_classification``; top-k and activations are
-computed in fp32 whatever the model's dtype.
+activation is transformers' pipeline's (:func:`.model.hf_activation`: softmax,
+sigmoid for multi-label or one-logit checkpoints, none for regression; timm:
+softmax); top-k and activations are computed in fp32 whatever the model's dtype,
+and tied scores keep ascending label order, as the pipeline's stable sort does.
 """
 from __future__ import annotations
 
@@ -66,13 +67,8 @@ class Scorer:
         info = self.model.info
         self.top_k = min(top_k, info.num_labels)
         self.embedding_dim = info.embedding_dim
-        self.multi_label = info.multi_label
+        self.activation = info.activation
         self.id2label = info.labels
-
-    @property
-    def activation(self) -> str:
-        """``sigmoid`` for multi-label checkpoints, else ``softmax``."""
-        return "sigmoid" if self.multi_label else "softmax"
 
     def stream(self) -> contextlib.AbstractContextManager:
         """A context in which this thread's device work runs on its own CUDA stream (none elsewhere).
@@ -100,8 +96,11 @@ class Scorer:
                              f"{self.ref.name} gives {tuple(out.features.shape[1:])} (a CNN's channels x height "
                              "x width): score it without --token-features")
         logits = out.logits.float()  # activations and top-k in fp32 whatever the model dtype
-        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
-        scores, ids = torch.topk(probs, self.top_k, dim=-1)  # sorted, best first
+        probs = _ACTIVATIONS[self.activation](logits)
+        # not topk: its order among equal scores is arbitrary (and differs by device); saturated
+        # sigmoids and bf16 logits tie, and the pipeline's stable sort keeps ascending ids
+        scores, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+        scores, ids = scores[:, :self.top_k].contiguous(), ids[:, :self.top_k].contiguous()
         return ScoreResult(
             label_ids=ids.to(torch.int32).cpu().numpy(),
             scores=scores.cpu().numpy(),
@@ -112,6 +111,9 @@ class Scorer:
     def labels(self, label_ids: np.ndarray) -> list[list[str]]:
         """Label names for an (N, k) array of ids."""
         return [[self.id2label[i] for i in row] for row in label_ids.tolist()]
+
+
+_ACTIVATIONS = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid, "none": lambda x: x}
 
 
 def create_scorer(

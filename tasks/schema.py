@@ -58,7 +58,7 @@ def predictions_schema(spec: OutputSpec) -> pa.Schema:
         pa.field("label_ids", pa.list_(pa.int32())),  # best first
         pa.field("labels", pa.list_(pa.string())),
         pa.field("scores", pa.list_(pa.float32())),  # sorted descending
-        pa.field("activation", pa.string()),  # softmax or sigmoid
+        pa.field("activation", pa.string()),  # softmax, sigmoid or none (models.md)
         pa.field("embedding", pa.list_(spec.value_type, spec.embedding_dim)),
         *_RUN_FIELDS,
         pa.field("scored_at", TS, nullable=False),

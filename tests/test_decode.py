@@ -56,6 +56,28 @@ def test_16_bit_png_is_scaled_not_clipped():
     assert 100 < out[..., 0].mean() < 155
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "PPM", "TIFF"])
+def test_16_bit_scale_is_the_files_not_the_pixels(fmt):
+    """A dark 16-bit image is scaled as a bright one is (PGM opens as mode I in Pillow 13)."""
+    dark = np.full((4, 4), 200 * 257, np.uint16)  # 51400 of 65535: 200 of 255
+    bright = dark.copy()
+    bright[0, 0] = 65535
+    for arr in (dark, bright):
+        out = np.asarray(decode_image(_encode(Image.fromarray(arr), fmt)))
+        assert out[1:, 1:].min() == out[1:, 1:].max() == 200
+    low = np.full((4, 4), 200, np.uint16)  # 200 of 65535 is nearly black, whatever the maximum
+    assert np.asarray(decode_image(_encode(Image.fromarray(low), fmt))).max() == 1
+
+
+def test_32_bit_integer_tiff_converts_as_pil_does():
+    """Mode I with no known range (not 16-bit) is clipped as convert("RGB") clips it."""
+    arr = np.array([[10, 200, 1000, 70000]], np.int32)
+    data = _encode(Image.fromarray(arr), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(np.asarray(decode_image(data)), expected)
+
+
 def test_exif_orientation_is_applied():
     arr = np.zeros((20, 40, 3), dtype=np.uint8)
     arr[:, :20] = 255  # left half white

@@ -145,6 +145,27 @@ def test_multi_label_checkpoint_uses_sigmoid(tmp_path, photos):
     assert scorer.labels(ours.label_ids)[0][0].startswith("class_")
 
 
+@pytest.mark.parametrize("kind, config, activation", [
+    ("one_logit", dict(num_labels=1), "sigmoid"),
+    ("regression", dict(num_labels=3, problem_type="regression"), "none"),
+    # confident multi-label logits saturate sigmoid to exactly 1.0: ties, in ascending label order
+    ("saturated", dict(num_labels=8, problem_type="multi_label_classification", initializer_range=3.0), "sigmoid"),
+])
+def test_activation_and_tie_order_follow_the_pipeline(tmp_path, photos, kind, config, activation):
+    overrides = {**TINY_OVERRIDES, **config}
+    ckpt = create_random_checkpoint("facebook/deit-tiny-distilled-patch16-224", tmp_path / kind, **overrides)
+    images = _photos(photos)
+    scorer = create_scorer(str(ckpt), top_k=3, device="cpu", dtype="fp32")
+    ours = scorer.score(load_preprocessor(str(ckpt))(images))
+    assert scorer.activation == activation
+    pipe = pipeline("image-classification", model=str(ckpt), device="cpu")
+    for i, row in enumerate(pipe(images, top_k=3)):
+        assert scorer.labels(ours.label_ids)[i] == [r["label"] for r in row]
+        np.testing.assert_allclose(ours.scores[i], [r["score"] for r in row], rtol=1e-5, atol=1e-6)
+    if kind == "saturated":
+        assert (ours.scores == 1.0).sum() >= 2  # the case is really a tie
+
+
 def test_full_size_base_shapes(tmp_path, photos):
     """One full-size configuration: DeiT-base distilled, 768-d embedding, 198 tokens."""
     ckpt = create_random_checkpoint("facebook/deit-base-distilled-patch16-224", tmp_path / "base")
