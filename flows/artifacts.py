@@ -42,11 +42,15 @@ def progress_reporter(description: str) -> Callable[[ProgressEvent], None]:
     return report
 
 
+# the run's counts, in the order the UI shows them (plan, then outcome)
+COUNTS = ("listed", "new", "changed", "skipped", "failed_before", "to_score", "scored", "failed")
+
+
 def summary_rows(summary: RunSummary) -> list[dict]:
     """The run's figures as (section, item, value) rows for a table artifact."""
     rows = [("outcome", "status", summary.status), ("outcome", "model", summary.model),
             ("outcome", "model revision", summary.model_revision or "")]
-    for name in ("listed", "new", "changed", "skipped", "to_score", "scored", "failed"):
+    for name in COUNTS:
         rows.append(("counts", name, getattr(summary, name)))
     rows += [("errors", kind, n) for kind, n in sorted(summary.errors_by_type.items(), key=lambda kv: -kv[1])]
     rows += [("time (s)", stage, round(seconds, 2)) for stage, seconds in summary.timings_s.items()]
@@ -61,7 +65,7 @@ def summary_markdown(summary: RunSummary) -> str:
         lines = [f"| {header[0]} | {header[1]} |", "|---|---:|"]
         return "\n".join(lines + [f"| {k} | {v} |" for k, v in items.items()]) if items else "none"
 
-    counts = {k: getattr(summary, k) for k in ("listed", "new", "changed", "skipped", "scored", "failed")}
+    counts = {k: getattr(summary, k) for k in COUNTS}
     timings = {k: f"{v:.1f}" for k, v in summary.timings_s.items()}
     return "\n\n".join([
         f"# Run `{summary.run_id}`: {summary.status}",

@@ -2,7 +2,8 @@
 
 Exit codes: 0 the run committed (some images may have failed: see the errors
 table); 1 the run failed; 2 a bad argument, model or input (nothing ran);
-3 more images failed than --max-failed / --max-failed-fraction allow.
+3 more images failed than --max-failed / --max-failed-fraction allow; 130
+interrupted (Ctrl-C or SIGTERM; the run resumes with its --run-id).
 Options are generated from :class:`tasks.settings.ScoreSettings`.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from . import LIBRARY_LOGGERS
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 # Prefect reads its settings at import time, so these are set before it is imported.
 _PREFECT_DEFAULTS = {
@@ -43,6 +45,10 @@ _PREFECT_DEFAULTS = {
 
 class UsageError(Exception):
     """A problem with what the user asked for; reported as one line, exit 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run; reported as one line (how to resume), exit 130."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -123,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="score-images", description=__doc__.split("\n\n")[0],
                      formatter_class=_HelpFormatter,
                      epilog="Exit codes: 0 committed, 1 run failed, 2 bad argument/model/input, "
-                            "3 too many images failed.")
+                            "3 too many images failed, 130 interrupted (resume with --run-id).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", formatter_class=_HelpFormatter, help="score images under --input and write Parquet to --output",
@@ -167,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"score-images: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as exc:
+        print(f"score-images: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
@@ -183,7 +192,8 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     try:
         settings = ScoreSettings(**params)
     except ValidationError as exc:
-        raise UsageError(format_validation_error(exc)) from None
+        raise UsageError(format_validation_error(exc, name=lambda f: "--" + f.replace("_", "-"),
+                                                 whole="options")) from None
     try:
         ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         check_preprocessing(ref.local_dir)  # inspects the config (architecture) first
@@ -193,7 +203,8 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
         next(iter(list_images(settings.input, settings.storage_options)), None)
     with storage_checked(settings.output):  # scheme, driver and credentials, before Ray and Prefect start
         fs, path = filesystem(settings.output, settings.storage_options)
-        fs.exists(path)
+        if fs.exists(path) and fs.isfile(path):  # exists() first: isfile() hides a driver's errors
+            raise UsageError(f"output {settings.output} is a file; --output names a folder or prefix for the dataset")
     return settings, ref
 
 
@@ -215,6 +226,7 @@ def run_flow(params: dict) -> int:
     """Check ``params``, run the flow, print the summary; return the exit code."""
     settings, ref = check_settings(params)
     from tasks.actor_pool import discard_early
+    from tasks.plan import new_run_id
     from tasks.pipeline import start_actors_early
     from tasks.ray_cluster import start_early, stop_early
 
@@ -229,29 +241,53 @@ def run_flow(params: dict) -> int:
 
     from .score_images import score_images
 
-    wait_for_prefect()
+    # the id is chosen here, so that every way the run can end names it
+    settings = settings.model_copy(update={"run_id": settings.run_id or new_run_id()})
+    resume = f"rerun with --run-id {settings.run_id} (and the same options) to resume"
     try:
-        state = score_images(**settings.model_dump(), return_state=True)
+        with _terminate_as_interrupt():
+            wait_for_prefect()
+            state = score_images(**settings.model_dump(), return_state=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"run {settings.run_id} interrupted; {resume}") from None
     finally:
         discard_early()  # only if the run never reached scoring
         stop_early()
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, ErrorThresholdExceeded):
-            print(f"score-images: run failed: {error}", file=sys.stderr)
+            print(f"score-images: run {settings.run_id} failed: {error}", file=sys.stderr)
             return EXIT_TOO_MANY_ERRORS
         first_line = (state.message or "unknown error").strip().splitlines()[0]
-        print(f"score-images: run failed: {first_line} (details in the log above; rerun with the "
-              "same --run-id to resume)", file=sys.stderr)
+        # a ValueError is a refusal (a resume with other options, a changed checkpoint, an unknown
+        # --only-failed run) whose message says what to do; anything else may pass on a resume
+        hint = "" if isinstance(error, ValueError) else f" (details in the log above; {resume})"
+        print(f"score-images: run {settings.run_id} failed: {first_line}{hint}", file=sys.stderr)
         return EXIT_FAILED
     print(format_summary(state.result()))
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler or `kill` stopping the command) ends the run as Ctrl-C does."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def show_runs(output: str, run_id: str | None = None, storage_options: dict | None = None) -> int:
     """Print the runs under ``output`` (or one manifest); exit 2 if there is none."""
     from dataclasses import asdict
 
+    from tasks import storage
     from tasks.report import list_runs, read_manifest
 
     if run_id:
@@ -263,6 +299,9 @@ def show_runs(output: str, run_id: str | None = None, storage_options: dict | No
         return EXIT_OK
     with storage_checked(output):
         runs = list_runs(output, storage_options)
+        fs, root = storage.filesystem(output, storage_options)
+        if not runs and not fs.exists(root):
+            raise UsageError(f"no output at {output}; pass the --output of a run")
     print(f"{'run_id':<28} {'status':<11} {'started_at':<26} {'listed':>8} {'scored':>8} {'failed':>7}  model")
     for r in runs:
         print(f"{r.run_id:<28} {r.status:<11} {r.started_at:<26} {r.listed:>8} {r.scored:>8} {r.failed:>7}  {r.model}")

@@ -8,7 +8,9 @@ the command line imports the model libraries.
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
+import types
 from typing import Callable
 
 logger = logging.getLogger(__name__)
@@ -30,12 +32,34 @@ def start_temporary_server() -> Callable[[], None]:
 
     def work() -> None:
         try:
-            from prefect.server.api.server import SubprocessASGIServer
+            from prefect.server.api import server
 
-            SubprocessASGIServer().start()  # the same instance the flow run's client uses
+            _own_session(server)
+            server.SubprocessASGIServer().start()  # the same instance the flow run's client uses
         except Exception:  # noqa: BLE001 - the flow run retries and reports
             logger.debug("early start of Prefect's temporary server failed", exc_info=True)
 
     thread = threading.Thread(target=work, name="prefect-early-start", daemon=True)
     thread.start()
     return thread.join
+
+
+class _OwnSessionPopen(subprocess.Popen):
+    """Popen in a new session: Ctrl-C in a terminal signals the whole foreground process group."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("start_new_session", True)
+        super().__init__(*args, **kwargs)
+
+
+def _own_session(server_module) -> None:
+    """Start Prefect's temporary server, the only process its server module starts, in its own session.
+
+    Why: in the terminal's process group, Ctrl-C killed the server along with the
+    command, and the flow engine then retried reporting the interrupted run to it for
+    about 140 s before giving up with a connection traceback. In its own session it
+    lives until the command stops it at exit (Prefect's atexit hook), so the run is
+    marked crashed at once. Only that module's name ``subprocess`` is replaced.
+    """
+    if not isinstance(server_module.subprocess, types.SimpleNamespace):
+        server_module.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": _OwnSessionPopen})

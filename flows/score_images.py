@@ -18,11 +18,10 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
-from deit_model import resolve_checkpoint
 from tasks import storage
 from tasks.commit import commit, discard_staging, roll_forward
 from tasks.pipeline import ErrorThresholdExceeded, check_failures, score_run
-from tasks.plan import RunInfo, new_run, plan_run, resumed_run
+from tasks.plan import RunInfo, new_run, plan_run, resumed_run, run_checkpoint
 from tasks.report import RunSummary, public_parameters, read_manifest, top_labels, write_manifest
 from tasks.settings import ScoreSettings, settings_docstring, settings_signature
 
@@ -58,15 +57,15 @@ _RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_fac
 @task(name="plan", **_RETRIES)
 def plan_task(settings: ScoreSettings, run: RunInfo) -> dict:
     """Resolve the model, list the input and write the plan: what is new, changed, skipped."""
-    ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
+    ref = run_checkpoint(settings)
     counts = plan_run(settings, run, ref.name, ref.revision)
     return {"model": ref.name, "model_revision": ref.revision, **asdict(counts)}
 
 
 @task(name="score", **_RETRIES)
-def score_task(settings: ScoreSettings, run: RunInfo) -> dict:
-    """Score the planned images on Ray into staging; returns the run's totals."""
-    ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
+def score_task(settings: ScoreSettings, run: RunInfo, pinned: str | None) -> dict:
+    """Score the planned images on Ray into staging, with the model revision planned; returns the run's totals."""
+    ref = run_checkpoint(settings, pinned)
     result = score_run(settings, run, ref, on_progress=progress_reporter(f"run {run.run_id}"))
     return {"scored": result.scored, "failed": result.failed, "errors_by_type": result.errors_by_type,
             "preprocessing": result.preprocessing,
@@ -121,7 +120,8 @@ def _score_images(**params):
         _plan_and_score(settings, run, summary, resumed)
         check_failures(settings, summary.to_score, summary.failed, summary.errors_by_type)
         if summary.listed == 0:
-            summary.message = f"no images found under {settings.input}"
+            summary.message = f"no images found under {settings.input}" + (
+                " that match the filters" if _filtered(settings) else "")
         t0 = time.monotonic()
         summary = commit_task(summary, run, settings)
         summary.timings_s = {**summary.timings_s, "commit": round(time.monotonic() - t0, 3)}
@@ -146,12 +146,16 @@ def _plan_and_score(settings: ScoreSettings, run: RunInfo, summary: RunSummary, 
     summary.status = "running"
     write_manifest(summary, run, settings.storage_options)
     t1 = time.monotonic()
-    for key, value in score_task(settings, run).items():
+    for key, value in score_task(settings, run, summary.model_revision).items():
         setattr(summary, key, value)
     timings = {"score": round(time.monotonic() - t1, 3)}
     if not resumed:
         timings = {"plan": round(t1 - t0, 3), **timings}  # a resumed run keeps its first plan time
     summary.timings_s = {**summary.timings_s, **timings}
+
+
+def _filtered(settings: ScoreSettings) -> bool:
+    return bool(settings.include or settings.exclude or settings.modified_after or settings.modified_before)
 
 
 def _kinds(by_type: dict[str, int]) -> str:
@@ -170,6 +174,8 @@ def _record_failure(summary: RunSummary, run: RunInfo, settings: ScoreSettings, 
     summary.status, summary.message = "failed", f"{type(exc).__name__}: {exc}"[:2000]
     try:
         if isinstance(exc, ErrorThresholdExceeded):
+            # the manifest says how many failed, as the message does, though none of it is kept
+            summary.failed, summary.errors_by_type = exc.failed, exc.errors_by_type
             discard_staging(run, settings.storage_options)  # a rerun starts this run afresh
         write_manifest(summary, run, settings.storage_options)
     except Exception:  # noqa: BLE001

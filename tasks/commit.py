@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .plan import RunInfo
-from .report import RunSummary, list_runs, write_manifest
+from .report import RunSummary, list_runs, read_manifest, write_manifest
 from .schema import table_of
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,21 @@ def commit(summary: RunSummary, run: RunInfo, storage_options: dict | None = Non
     summary.files = sorted({*moved_files(run, storage_options), *(final_uri(run, s, storage_options) for s in staged)})
     summary.status = "committing"
     write_manifest(summary, run, storage_options)  # the intent, with the full file list
+    return _finish(summary, run, staged, storage_options)
+
+
+def _finish(summary: RunSummary, run: RunInfo, staged: list[str], storage_options: dict | None) -> RunSummary:
+    """Steps 2 and 3: move ``staged``, then write the commit point, unless it is written already.
+
+    Two processes may finish one commit at once (a run starting on this output rolls
+    forward a commit that its own process is still making), so a file already moved
+    by the other is not an error, and neither rewrites a committed manifest.
+    """
     _move(run, staged, storage_options)
+    current = read_manifest(run.output, run.run_id, storage_options)
+    if current is not None and current.status == "committed":
+        logger.info("run %s was committed meanwhile, by another process", run.run_id)
+        return current
     summary.status = "committed"
     summary.committed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_manifest(summary, run, storage_options)  # the commit point
@@ -105,18 +119,27 @@ def _move(run: RunInfo, staged: list[str], storage_options: dict | None) -> None
     for src in staged:
         dst = fs._strip_protocol(final_uri(run, src, storage_options))
         fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-        fs.mv(fs._strip_protocol(src), dst)
+        try:
+            fs.mv(fs._strip_protocol(src), dst)
+        except FileNotFoundError:
+            if not fs.exists(dst):
+                raise
+            # moved meanwhile by another process finishing this commit
 
 
 def roll_forward(output: str, storage_options: dict | None = None) -> list[str]:
-    """Finish commits that a crash interrupted; returns the run ids completed."""
+    """Finish commits that a crash interrupted; returns the run ids completed.
+
+    The manifest already lists every file (step 1), so only the move and the
+    commit point are left; the manifest is never set back to ``committing``.
+    """
     done = []
     for summary in list_runs(output, storage_options):
         if summary.status != "committing":
             continue
         run = RunInfo(summary.run_id, summary.run_date, summary.started_at, output)
         logger.warning("run %s crashed while committing: finishing its commit", run.run_id)
-        commit(summary, run, storage_options)
+        _finish(summary, run, staged_files(run, storage_options), storage_options)
         done.append(run.run_id)
     return done
 
@@ -124,5 +147,7 @@ def roll_forward(output: str, storage_options: dict | None = None) -> list[str]:
 def discard_staging(run: RunInfo, storage_options: dict | None = None) -> None:
     """Delete the run's staging area (after a commit, or to restart it from nothing)."""
     fs, root = storage.filesystem(run.staging_dir, storage_options)
-    if fs.exists(root):
+    try:
         fs.rm(root, recursive=True)
+    except FileNotFoundError:
+        pass  # never staged, or deleted meanwhile by another process finishing this commit

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from deit_model import DecodeError, Preprocessor, decode_image, device_decodable
-from deit_model.decode import NOT_FOUND, READ_ERROR, TOO_LARGE
+from deit_model.decode import NOT_FOUND, PREPROCESS_ERROR, READ_ERROR, TOO_LARGE
 
 from . import storage
 
@@ -210,7 +210,7 @@ def _preprocess_into(pixels: np.ndarray, images: list, rows: list[int], preproce
         try:
             pixels[j] = preprocess([image])[0]
         except Exception as exc:  # noqa: BLE001 - becomes this row's error
-            errors[row] = ("preprocess_error", f"{type(exc).__name__}: {exc}")
+            errors[row] = (PREPROCESS_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def decode_task_for(num_cpus: float):

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from deit_model.decode import CORRUPT, EMPTY, NOT_AN_IMAGE, PREPROCESS_ERROR, TOO_LARGE
+
 from . import storage
 from .report import RunSummary, list_runs
 from .schema import table_of
@@ -52,16 +54,36 @@ def version_key(table: pa.Table) -> pa.Array:
 
 _VERSION_COLUMNS = ["uri", "source_size", "source_etag", "source_mtime"]
 
+# Error types that the same bytes give again (decoding and preprocessing are deterministic): an
+# incremental run does not retry them until the object changes; --only-failed does. A read
+# error, an object missing when read or a process that died may pass, so those are retried.
+LASTING_ERRORS = (EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE, PREPROCESS_ERROR)
+
 
 def scored_versions(output: str, model: str, revision: str | None,
                     storage_options: dict | None = None) -> pa.Table:
     """(uri, version) of every successful prediction by this model and revision."""
-    files = committed_files(committed_runs(output, storage_options, model), "predictions")
-    table = read_files(files, _VERSION_COLUMNS, storage_options,
+    return _versions(output, model, revision, "predictions", storage_options)
+
+
+def failed_versions(output: str, model: str, revision: str | None,
+                    storage_options: dict | None = None) -> pa.Table:
+    """(uri, version, lasting) of every error row by this model and revision; lasting: see LASTING_ERRORS."""
+    table = _versions(output, model, revision, "errors", storage_options, ["error_type"])
+    lasting = pc.is_in(table["error_type"], value_set=pa.array(LASTING_ERRORS))
+    return table.drop_columns(["error_type"]).append_column("lasting", lasting)
+
+
+def _versions(output: str, model: str, revision: str | None, kind: str, storage_options: dict | None,
+              extra: list[str] = ()) -> pa.Table:
+    """(uri, version, *extra) of the committed ``kind`` rows by this model (and revision, if given)."""
+    files = committed_files(committed_runs(output, storage_options, model), kind)
+    table = read_files(files, _VERSION_COLUMNS + list(extra), storage_options,
                        filter=ds.field("model_revision") == revision if revision else None)
     if table is None:
-        return pa.table({"uri": pa.array([], pa.string()), "version": pa.array([], pa.string())})
-    return pa.table({"uri": table["uri"], "version": version_key(table)})
+        return pa.table({"uri": pa.array([], pa.string()), "version": pa.array([], pa.string()),
+                         **{name: pa.array([], pa.string()) for name in extra}})
+    return pa.table({"uri": table["uri"], "version": version_key(table), **{name: table[name] for name in extra}})
 
 
 def failed_uris(output: str, model: str, which: str, storage_options: dict | None = None) -> set[str]:

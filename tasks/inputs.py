@@ -14,14 +14,14 @@ import fnmatch
 import re
 import itertools
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
 from . import storage
 from .enumerate import ImageObject, list_images
-from .settings import ScoreSettings
+from .settings import ScoreSettings, as_utc
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def list_inputs(settings: ScoreSettings) -> Iterator[ImageObject]:
     else:
         objects = list_images(settings.input, settings.storage_options)
         fs, path = storage.filesystem(settings.input, settings.storage_options)
-        # patterns are relative to the folder part before the first glob character
-        glob = re.search(r"[*?\[]", path)
+        # patterns are relative to the input folder; for a glob, to the part before its first glob
+        # character. A path that exists is no glob, whatever it holds (as list_images takes it)
+        glob = None if fs.exists(path) else re.search(r"[*?\[]", path)
         static = path[: path.rfind("/", 0, glob.start())] if glob else path.rstrip("/")
         root = storage.to_uri(fs, static) + "/"
     return (o for o in objects if _selected(o, root, settings))
@@ -64,15 +65,11 @@ def _selected(obj: ImageObject, root: str, s: ScoreSettings) -> bool:
     if any(fnmatch.fnmatchcase(rel, p) for p in s.exclude):
         return False
     if obj.mtime is not None:  # objects without a time cannot be placed in a window: kept
-        if s.modified_after and obj.mtime < _utc(s.modified_after):
+        if s.modified_after and obj.mtime < as_utc(s.modified_after):
             return False
-        if s.modified_before and obj.mtime >= _utc(s.modified_before):
+        if s.modified_before and obj.mtime >= as_utc(s.modified_before):
             return False
     return True
-
-
-def _utc(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def read_manifest(uri: str, storage_options: dict | None = None) -> Iterator[ImageObject]:
@@ -126,7 +123,7 @@ def _objects(table: pa.Table, manifest: str, storage_options) -> Iterator[ImageO
         if isinstance(mtime, str):
             mtime = datetime.fromisoformat(mtime.replace("Z", "+00:00"))
         yield ImageObject(uri, sizes[i] if sizes else None, etags[i] if etags else None,
-                          _utc(mtime) if mtime else None)
+                          as_utc(mtime) if mtime else None)
 
 
 def _looked_up(uris: Iterable[str], storage_options: dict | None) -> Iterator[ImageObject]:

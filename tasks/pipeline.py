@@ -212,6 +212,13 @@ class _Progress:
 class ErrorThresholdExceeded(RuntimeError):
     """More images failed than the run allows (max_failed / max_failed_fraction)."""
 
+    def __init__(self, message: str, failed: int = 0, errors_by_type: dict | None = None):
+        super().__init__(message)
+        self.failed, self.errors_by_type = failed, dict(errors_by_type or {})  # for the failed manifest
+
+    def __reduce__(self):  # Prefect keeps a task's exception as its result: keep the counts through pickling
+        return type(self), (str(self), self.failed, self.errors_by_type)
+
 
 def failure_limit(settings: ScoreSettings, planned: int) -> int | None:
     """The most failed images the run tolerates, or None for no limit."""
@@ -232,7 +239,7 @@ def check_failures(settings: ScoreSettings, planned: int, failed: int, by_type: 
         raise ErrorThresholdExceeded(
             f"{failed} of {planned} images failed ({share:.1f}%), over the limit of {limit} "
             f"(max_failed={settings.max_failed}, max_failed_fraction={settings.max_failed_fraction}); "
-            f"errors: {kinds}. Nothing was committed")
+            f"errors: {kinds}. Nothing was committed", failed, by_type)
 
 
 def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None) -> WriteResult:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,18 +62,57 @@ class RunInfo:
 def new_run(settings: ScoreSettings, now: datetime | None = None) -> RunInfo:
     """A RunInfo for ``settings``; the id is time-based unless the user set one."""
     now = now or datetime.now(timezone.utc)
-    run_id = settings.run_id or f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    run_id = settings.run_id or new_run_id(now)
     return RunInfo(run_id, f"{now:%Y-%m-%d}", now.isoformat(timespec="seconds"), settings.output)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A fresh run id: the UTC start time, and a random suffix so that runs started together differ."""
+    return f"{(now or datetime.now(timezone.utc)):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def resumed_run(settings: ScoreSettings, previous) -> RunInfo:
     """The RunInfo of an unfinished run being resumed; its parameters must not differ."""
-    changed = [k for k in IDENTITY if str(_recorded(previous, k)) != str(getattr(settings, k))]
+    changed = [k for k in IDENTITY if _comparable(k, _recorded(previous, k)) != _comparable(k, getattr(settings, k))]
     if changed:
         raise ValueError(
             f"run {previous.run_id} was started with different {', '.join(changed)}; rerun it with its "
             "original parameters (see its manifest) or start a new run without --run-id")
     return RunInfo(previous.run_id, previous.run_date, previous.started_at, settings.output)
+
+
+class CheckpointChanged(ValueError):
+    """The model a run was planned with is no longer what its name resolves to."""
+
+
+def run_checkpoint(settings: ScoreSettings, pinned: str | None = None):
+    """The run's checkpoint: as ``settings`` name it, or at ``pinned``, the revision it was planned with.
+
+    One run's rows come from one model. A hub model (or ``timm:``) is fetched at the
+    pinned commit, even when its branch has moved since; a checkpoint directory (its
+    revision is a content hash) that was replaced since is refused.
+    """
+    from deit_model import resolve_checkpoint
+
+    hub_commit = pinned and not pinned.startswith("sha256:")
+    ref = resolve_checkpoint(settings.model, pinned if hub_commit else settings.revision, settings.storage_options)
+    if pinned and ref.revision != pinned:
+        raise CheckpointChanged(
+            f"model {settings.model} is now revision {ref.revision}, but this run was planned with {pinned}, "
+            "and one run's rows come from one model: restore that checkpoint to resume the run, or start a "
+            "new run without --run-id")
+    return ref
+
+
+def _comparable(name: str, value) -> str:
+    """A parameter as a resume compares it: a local input or output as its absolute path.
+
+    So ``--output scores`` and ``--output /data/scores`` from /data name one dataset. A
+    relative path is taken from the current directory, as the run itself takes it.
+    """
+    if name in ("input", "output") and isinstance(value, str) and "://" not in value:
+        return os.path.normpath(os.path.abspath(os.path.expanduser(value)))
+    return str(value)
 
 
 def _recorded(previous, name: str):
@@ -82,22 +122,23 @@ def _recorded(previous, name: str):
 
 @dataclass
 class PlanCounts:
-    """How the listing divided: what is new, changed, already scored, and to score."""
+    """How the listing divided: what is new, changed, already scored or failed for good, and to score."""
 
     listed: int = 0
     new: int = 0
     changed: int = 0
     skipped: int = 0
+    failed_before: int = 0  # failed in this version with a lasting error: not retried (--only-failed is)
     to_score: int = 0
 
 
 def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | None) -> PlanCounts:
     """List the input, choose what to score, and write the run's plan file.
 
-    ``limit`` cuts the plan (after already-scored images are skipped), so
-    ``skipped + to_score`` can be less than ``listed``.
+    ``limit`` cuts the plan (after already-scored images are skipped, and with
+    retries of earlier failures last), so ``skipped + to_score`` can be less than ``listed``.
     """
-    from .history import failed_uris, scored_versions, version_key
+    from .history import failed_uris
     from .inputs import list_inputs
 
     listing = unique_uris(_listing_table(list_inputs(settings)))
@@ -109,11 +150,7 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     elif settings.force:
         plan = listing
     else:
-        scored = scored_versions(settings.output, model, revision, settings.storage_options)
-        keyed = listing.append_column("version", version_key(listing))
-        plan = keyed.join(scored, keys=["uri", "version"], join_type="left anti").drop_columns(["version"])
-        known = scored["uri"]
-    counts.skipped = counts.listed - plan.num_rows
+        plan, known = _incremental(listing, settings, model, revision, counts)
     if settings.limit and plan.num_rows > settings.limit:
         # the limit bounds the work, after the skip: a limited nightly run still progresses
         plan = plan.slice(0, settings.limit)
@@ -124,9 +161,40 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     if counts.listed == 0:
         logger.warning("no images found under %s (extensions: %s)", settings.input,
                        ", ".join(sorted(IMAGE_EXTENSIONS)))
-    logger.info("plan: %d listed, %d new, %d changed, %d already scored", counts.listed, counts.new,
-                counts.changed, counts.skipped)
+    logger.info("plan: %d listed, %d new, %d changed, %d already scored, %d failed before (not retried)",
+                counts.listed, counts.new, counts.changed, counts.skipped, counts.failed_before)
     return counts
+
+
+def _incremental(listing: pa.Table, settings: ScoreSettings, model: str, revision: str | None,
+                 counts: PlanCounts) -> tuple[pa.Table, pa.Array]:
+    """(plan, URIs scored before): the listing less what was scored, or failed for good, in this version.
+
+    Failures that may pass (a read error) are planned again, after everything else when
+    a limit cuts the plan, so a few objects that fail every night cannot take all of it.
+    """
+    from .history import failed_versions, scored_versions, version_key
+
+    scored = scored_versions(settings.output, model, revision, settings.storage_options)
+    failed = failed_versions(settings.output, model, revision, settings.storage_options)
+    keyed = listing.append_column("version", version_key(listing))
+    plan = keyed.join(scored, keys=["uri", "version"], join_type="left anti")
+    counts.skipped = keyed.num_rows - plan.num_rows
+    lasting = failed.filter(failed["lasting"]).select(["uri", "version"])
+    unscored = plan.num_rows
+    plan = plan.join(lasting, keys=["uri", "version"], join_type="left anti")
+    counts.failed_before = unscored - plan.num_rows
+    if settings.limit and plan.num_rows > settings.limit:
+        plan = _retries_last(plan, failed.filter(pc.invert(failed["lasting"])).select(["uri", "version"]))
+    return plan.drop_columns(["version"]), scored["uri"]
+
+
+def _retries_last(plan: pa.Table, retries: pa.Table) -> pa.Table:
+    """``plan`` (with its version column) in listing order, the (uri, version) rows of ``retries`` last."""
+    rows = plan.append_column("_row", pa.array(range(plan.num_rows), pa.int64()))
+    again = rows.join(retries, keys=["uri", "version"], join_type="left semi")["_row"]
+    flagged = rows.append_column("_retry", pc.is_in(rows["_row"], value_set=again.combine_chunks()))
+    return flagged.sort_by([("_retry", "ascending"), ("_row", "ascending")]).drop_columns(["_row", "_retry"])
 
 
 def unique_uris(listing: pa.Table) -> pa.Table:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from . import storage
 from .plan import RunInfo
@@ -34,9 +34,10 @@ class RunSummary:
     preprocessing: dict = field(default_factory=dict)  # the image processor's config
     run_date: str = ""
     listed: int = 0  # objects the input held after include/exclude/time/limit
-    new: int = 0  # no successful prediction by this model and revision yet (earlier failures count as new)
+    new: int = 0  # no successful prediction by this model and revision yet (retried passing failures count as new)
     changed: int = 0  # scored before, but the object changed since (etag, or size+mtime)
     skipped: int = 0  # already scored with this version: not scored again
+    failed_before: int = 0  # failed in this version with a lasting error (corrupt...): not retried
     to_score: int = 0  # new + changed (or everything, with force; the failed ones, with only_failed)
     scored: int = 0
     failed: int = 0
@@ -96,9 +97,22 @@ def read_manifest(output: str, run_id: str, storage_options: dict | None = None)
     fs, path = storage.filesystem(storage.join(output, "_runs", run_id, "manifest.json"), storage_options)
     try:
         with fs.open(path, "r") as fh:
-            return RunSummary(**json.load(fh))
+            return summary_of(json.load(fh), path)
     except FileNotFoundError:
         return None
+
+
+def summary_of(record: dict, where: str = "a manifest") -> RunSummary:
+    """A manifest's RunSummary; fields this version does not know are left out, with a warning.
+
+    Why: a manifest written by a newer version (one more count, say) must not stop an older
+    worker, mid-rollout or after a rollback, from listing, planning or committing on that output.
+    """
+    known = {f.name for f in fields(RunSummary)}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        logger.warning("%s has fields this version does not know, left out: %s", where, ", ".join(unknown))
+    return RunSummary(**{k: v for k, v in record.items() if k in known})
 
 
 def list_runs(output: str, storage_options: dict | None = None) -> list[RunSummary]:
@@ -107,7 +121,7 @@ def list_runs(output: str, storage_options: dict | None = None) -> list[RunSumma
     runs = []
     for path in sorted(fs.glob(f"{root}/*/manifest.json")):
         with fs.open(path, "r") as fh:
-            runs.append(RunSummary(**json.load(fh)))
+            runs.append(summary_of(json.load(fh), path))
     return sorted(runs, key=lambda r: (r.started_at, r.run_id))
 
 
@@ -117,7 +131,8 @@ def format_summary(summary: RunSummary) -> str:
         f"run {summary.run_id}: {summary.status}",
         f"  model:   {summary.model} ({summary.model_revision or 'unknown revision'})",
         f"  plan:    {summary.listed} listed: {summary.new} new, {summary.changed} changed, "
-        f"{summary.skipped} already scored",
+        f"{summary.skipped} already scored" + (f", {summary.failed_before} failed before (not retried)"
+                                                  if summary.failed_before else ""),
         f"  images:  {summary.scored} scored, {summary.failed} failed",
     ]
     if summary.errors_by_type:
@@ -127,11 +142,14 @@ def format_summary(summary: RunSummary) -> str:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings_s.items())
         lines.append(f"  time:    {stages} ({summary.throughput:.1f} img/s while scoring)")
     root = summary.output.rstrip("/")
-    lines += [
-        f"  output:  {root}/predictions (and {root}/errors), {len(summary.files)} files",
-        f"  query:   duckdb -c \"select uri, labels[1], scores[1] from read_parquet("
-        f"'{root}/predictions/**/*.parquet', hive_partitioning=true) limit 10\"",
-    ]
+    if any(table_of(f) == "predictions" for f in summary.files):
+        lines += [
+            f"  output:  {root}/predictions (and {root}/errors), {len(summary.files)} files",
+            f"  query:   duckdb -c \"select uri, labels[1], scores[1] from read_parquet("
+            f"'{root}/predictions/**/*.parquet', hive_partitioning=true) limit 10\"",
+        ]
+    else:  # the query would fail on a dataset with no predictions yet ("No files found")
+        lines.append(f"  output:  {root}, {len(summary.files)} files written by this run")
     if summary.message:
         lines.append(f"  note:    {summary.message}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from .decode import decode_batch, device_model_input
+from .plan import CheckpointChanged
 from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ class ScoringActor:
 
     def score_batch(self, batch: dict[str, np.ndarray], context: BatchContext) -> pa.Table:
         """Score one batch into a table of :func:`~tasks.schema.scored_schema` rows."""
+        if context.model_revision is not None and self.scorer.ref.revision != context.model_revision:
+            # an actor (re)started mid-run loaded its checkpoint again: it must be the run's
+            raise CheckpointChanged(f"this actor loaded {self.scorer.ref.name} at revision "
+                                    f"{self.scorer.ref.revision}, but the run scores with {context.model_revision}")
         if context.decode is not None:
             batch = decode_batch(batch, preprocessor=self.preprocessor, **context.decode)
         spec = context.spec

@@ -9,13 +9,16 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = "facebook/deit-base-distilled-patch16-224"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# In the parameter schema too, so that the server refuses a flow run before a worker starts it;
+# the validators below say the same in words (pydantic's own pattern error would only quote the regex)
+_NOT_BLANK = {"minLength": 1, "pattern": r"\S"}
 
 
 class ScoreSettings(BaseModel):
@@ -24,9 +27,12 @@ class ScoreSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input: str = Field(description="images to score: a local path, an fsspec URI prefix (s3://bucket/dir), a glob, "
-                                   "or a manifest file (.txt, .csv or .parquet with a uri column)")
-    output: str = Field(description="where the Parquet dataset is written: a local path or an fsspec URI")
-    model: str = Field(DEFAULT_MODEL, description="hub id, timm:<name>, local checkpoint directory or fsspec URI of one")
+                                   "or a manifest file (.txt, .csv or .parquet with a uri column)",
+                       json_schema_extra=_NOT_BLANK)
+    output: str = Field(description="where the Parquet dataset is written: a local path or an fsspec URI",
+                        json_schema_extra=_NOT_BLANK)
+    model: str = Field(DEFAULT_MODEL, description="hub id, timm:<name>, local checkpoint directory or fsspec URI of one",
+                       json_schema_extra=_NOT_BLANK)
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of the model")
     top_k: int = Field(5, ge=1, le=1000, description="how many labels to keep per image")
     batch_size: int = Field(32, ge=1, le=4096, description="images per model forward pass")
@@ -46,7 +52,8 @@ class ScoreSettings(BaseModel):
         0, ge=0, le=86_400, description="when the cluster is too small for the actors, ask the Ray autoscaler for "
                                         "the missing resources and wait up to this long (0: fail at once)")
     run_id: Optional[str] = Field(
-        None, description="id for this run; generated when unset. Rerunning an unfinished run's id resumes it")
+        None, description="id for this run; generated when unset. Rerunning an unfinished run's id resumes it",
+        json_schema_extra={"pattern": f"^{_RUN_ID.pattern}$"})
     include: list[str] = Field(
         default_factory=list, description="only objects whose path (relative to input) matches one of these globs")
     exclude: list[str] = Field(
@@ -82,9 +89,9 @@ class ScoreSettings(BaseModel):
     @classmethod
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("must not be empty")
-        if "{{" in v:  # a deployment's "{{ $VAR }}" whose variable was unset at `prefect deploy`
-            raise ValueError(f"{v!r} is an unresolved template: set the variable it names, then deploy again")
+            # a deployment's "{{ $VAR }}" whose variable was unset at `prefect deploy` is '' (Prefect 3)
+            raise ValueError("must not be empty (from a deployment: set the variable its parameter names, "
+                             "then deploy again)")
         return v.strip()
 
     @field_validator("run_id")
@@ -100,11 +107,20 @@ class ScoreSettings(BaseModel):
             raise ValueError("fast_decode and device_decode are alternative ways to decode faster: choose one")
         if self.device == "cuda" and self.gpus_per_actor == 0:
             raise ValueError("device=cuda needs gpus_per_actor above 0 (actors without a GPU run on the CPU)")
+        after, before = self.modified_after, self.modified_before
+        if after and before and as_utc(after) >= as_utc(before):
+            raise ValueError(f"modified_after ({after.isoformat()}) must be earlier than modified_before "
+                             f"({before.isoformat()}): no object can be in that window")
         return self
 
     def resolved_ray_address(self) -> Optional[str]:
         """The Ray address to connect to: the setting, else ``RAY_ADDRESS``."""
         return self.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def as_utc(t: datetime) -> datetime:
+    """A time as UTC; a naive one is taken as UTC, as the listing takes it (runs.md)."""
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
 def settings_signature(model: type[BaseModel] = ScoreSettings) -> inspect.Signature:
@@ -114,7 +130,8 @@ def settings_signature(model: type[BaseModel] = ScoreSettings) -> inspect.Signat
         default = inspect.Parameter.empty
         if not field.is_required():
             default = field.default_factory() if field.default_factory else field.default
-        annotation = Annotated[(field.annotation, *field.metadata, Field(description=field.description))]
+        annotation = Annotated[(field.annotation, *field.metadata,
+                                Field(description=field.description, json_schema_extra=field.json_schema_extra))]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return inspect.Signature(params)
 
@@ -125,12 +142,17 @@ def settings_docstring(summary: str, model: type[BaseModel] = ScoreSettings) -> 
     return f"{summary}\n\nArgs:\n{args}\n"
 
 
-def format_validation_error(exc) -> str:
-    """One line per problem from a pydantic ValidationError: 'field: message (got X)'."""
+def format_validation_error(exc, name=str, whole: str = "settings") -> str:
+    """One line from a pydantic ValidationError: 'field: message (got X)' per problem.
+
+    ``name`` turns a field's name into what the reader typed (the CLI: ``top_k`` ->
+    ``--top-k``); ``whole`` names a rule between fields.
+    """
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        loc = ".".join(str(p) for p in err.get("loc", ()))
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{loc}: {err['msg']}{shown}")
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own ValueErrors
+        parts.append(f"{name(loc) if loc else whole}: {message}{shown}")
     return "; ".join(parts)

@@ -171,19 +171,22 @@ def test_an_image_that_kills_its_process_becomes_an_error_row_and_the_rest_is_sc
         ray_cluster, tiny_checkpoint, photos, tmp_path, monkeypatch):
     from tasks.score import BatchContext
 
+    from deit_model import resolve_checkpoint
+
     (tmp_path / "poison.jpg").write_bytes(next(photos.iterdir()).read_bytes())
     settings, plan, decode, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    revision = resolve_checkpoint(str(tiny_checkpoint)).revision  # the actors' own: they refuse another
     pool = _crashing_pool(spec, monkeypatch)
     try:
         out = pa.concat_tables(list(pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode,
-                                                                                  model_revision="rev"), window=2)))
+                                                                                  model_revision=revision), window=2)))
     finally:
         pool.close()
     assert sorted(out["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # every image once
     by_uri = {r["uri"]: r for r in out.to_pylist()}
     poison = by_uri[f"file://{tmp_path / 'poison.jpg'}"]
     assert poison["error_type"] == "process_died" and "died on this image" in poison["error_message"]
-    assert poison["label_ids"] is None and poison["model_revision"] == "rev"
+    assert poison["label_ids"] is None and poison["model_revision"] == revision
     others = [r for u, r in by_uri.items() if "poison" not in u]
     assert all(r["label_ids"] is not None for r in others if r["error_type"] is None)
     assert [r["error_type"] for r in others].count("process_died") == 0  # no neighbour blamed

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from flows.cli import EXIT_USAGE, main
+from flows.cli import EXIT_OK, EXIT_USAGE, main
 from tasks.settings import ScoreSettings
 
 
@@ -31,7 +31,10 @@ def test_help_lists_every_setting(capsys):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["run", "--input", "x", "--output", "y", "--top-k", "0"], "top_k"),
+        (["run", "--input", "x", "--output", "y", "--top-k", "0"], "--top-k: Input should be greater than or equal to 1"),
+        (["run", "--input", "x", "--output", "y", "--run-id", "a/b"], "--run-id: use letters"),
+        (["run", "--input", "x", "--output", "y", "--modified-after", "2030-01-01", "--modified-before", "2020-01-01"],
+         "options: modified_after (2030-01-01T00:00:00) must be earlier"),
         (["run", "--input", "x", "--output", "y", "--top-k", "five"], "invalid int value"),
         (["run", "--output", "y"], "--input"),
         (["run", "--input", "x", "--output", "y", "--dtype", "int8"], "invalid choice"),
@@ -56,6 +59,17 @@ def test_missing_input_exits_2(capsys, tmp_path, tiny_checkpoint):
     code, _, err = _run(capsys, "run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
                         "--model", str(tiny_checkpoint))
     assert code == EXIT_USAGE and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_output_that_is_a_file_or_missing_exits_2(capsys, tmp_path, tiny_checkpoint, image_dir):
+    a_file = image_dir / "photos" / "china.jpg"
+    code, _, err = _run(capsys, "run", "--input", str(image_dir / "photos"), "--output", str(a_file),
+                        "--model", str(tiny_checkpoint))
+    assert code == EXIT_USAGE and "is a file" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "runs", "--output", str(tmp_path / "never-written"))
+    assert code == EXIT_USAGE and "no output at" in err
+    (tmp_path / "empty").mkdir()
+    assert _run(capsys, "runs", "--output", str(tmp_path / "empty"))[0] == EXIT_OK  # a dataset with no runs yet
 
 
 def _no_aws_credentials(monkeypatch, tmp_path):

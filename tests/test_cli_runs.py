@@ -47,3 +47,44 @@ def test_demo_command_offline(session_tmp, tmp_path):
     preds = ds.dataset(tmp_path / "demo" / "predictions", partitioning="hive").to_table()
     assert preds.num_rows == 4 and preds.schema.field("embedding").type.list_size == 768
     assert set(preds["model"].to_pylist()) == {"random-facebook--deit-base-distilled-patch16-224"}
+
+
+def test_ctrl_c_stops_the_run_at_once_and_its_id_resumes_it(ray_cluster, prefect_harness, tiny_checkpoint, tmp_path):
+    """Ctrl-C signals the terminal's whole process group, Prefect's temporary server included."""
+    import io
+    import signal
+    import time
+
+    from PIL import Image
+
+    from flows.cli import EXIT_INTERRUPTED
+
+    from .test_runs import exactly_once
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(160):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (i, 255 - i, 80)).save(buf, "JPEG")
+        (src / f"{i:03d}.jpg").write_bytes(buf.getvalue())
+    args = ["run", "--input", str(src), "--output", str(out), "--model", str(tiny_checkpoint), "--batch-size", "2",
+            "--rows-per-file", "2", "--num-actors", "1", "--cpus-per-actor", "1", "--decode-cpus", "0"]
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "ph"))  # no API: the command starts its own server
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,
+                                stderr=err, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while "progress: " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    t0 = time.monotonic()
+    code = proc.wait(timeout=120)
+    stopped_in = time.monotonic() - t0
+    last = log.read_text().strip().splitlines()
+    message = next(line for line in last if line.startswith("score-images: "))
+    assert code == EXIT_INTERRUPTED and stopped_in < 30, (code, stopped_in, last[-5:])
+    run_id = message.split("--run-id ")[1].split()[0]
+    assert f"run {run_id} interrupted" in message
+    assert main([*args, "--run-id", run_id]) == EXIT_OK  # the same options and id resume it
+    exactly_once(out, run_id, [f"file://{p}" for p in src.iterdir()])

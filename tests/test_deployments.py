@@ -109,7 +109,8 @@ def test_bad_parameters_are_refused_by_the_server(server, client):
         return len(client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["adhoc"]))))
 
     before = runs()
-    for bad in (["-p", "top_k=0"], ["-p", "top_k=\"five\""], ["-p", "dtype=int8"]):
+    for bad in (["-p", "top_k=0"], ["-p", "top_k=\"five\""], ["-p", "dtype=int8"], ["-p", "run_id=bad/id"],
+                ["-p", "input="]):
         result = server.cli("deployment", "run", "score-images/adhoc", "-p", "input=/data", "-p", "output=/out", *bad)
         assert result.returncode != 0
         text = " ".join((result.stdout + result.stderr).split())

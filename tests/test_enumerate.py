@@ -35,6 +35,12 @@ def test_a_folder_or_file_whose_name_has_glob_characters_is_taken_as_named(tmp_p
     shutil.copy(photos / "flower.jpg", folder / "b.jpg")
     assert sorted(o.uri.rsplit("/", 1)[-1] for o in list_images(str(folder))) == ["a*.jpg", "b.jpg"]
     assert [o.uri.rsplit("/", 1)[-1] for o in list_images(str(folder / "a*.jpg"))] == ["a*.jpg"]
+    # and --include / --exclude are relative to that folder, as to any other
+    from tasks.inputs import list_inputs
+    from tasks.settings import ScoreSettings
+
+    picked = list_inputs(ScoreSettings(input=str(folder), output="o", include=["b.jpg"]))
+    assert [o.uri.rsplit("/", 1)[-1] for o in picked] == ["b.jpg"]
 
 
 def test_missing_input_is_a_clear_error(tmp_path):

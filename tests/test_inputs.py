@@ -147,6 +147,11 @@ def test_a_resume_compares_what_the_run_computes_and_defaults_what_its_manifest_
         resumed_run(settings.model_copy(update={"device_decode": True}), previous)
     with pytest.raises(ValueError, match="different top_k"):
         resumed_run(settings.model_copy(update={"top_k": 5}), previous)
+    # the same folders named as absolute paths are the same run; another folder is not
+    same = settings.model_copy(update={"input": os.path.abspath("in"), "output": os.path.abspath("o") + "/"})
+    assert resumed_run(same, previous).run_id == "r1"
+    with pytest.raises(ValueError, match="different output"):
+        resumed_run(settings.model_copy(update={"output": "s3://b/o"}), previous)
 
 
 def test_a_commit_killed_between_a_copy_and_its_delete_lists_each_file_once(tmp_path, monkeypatch):
@@ -190,3 +195,106 @@ def test_a_commit_killed_between_a_copy_and_its_delete_lists_each_file_once(tmp_
     assert manifest.status == "committed" and len(manifest.files) == len(set(manifest.files)) == 2
     rows = read_files(committed_files(committed_runs(out), "predictions"), ["uri"])
     assert sorted(rows["uri"].to_pylist()) == ["s3://x/0.jpg", "s3://x/1.jpg"]
+
+
+def test_a_commit_finished_by_two_processes_at_once_stays_committed(tmp_path, monkeypatch):
+    """A run starting on this output rolls forward a commit its own process is still making."""
+    import json
+    import threading
+
+    import tasks.commit as commit_mod
+    from tasks.history import committed_runs
+    from tasks.plan import RunInfo
+    from tasks.report import RunSummary, read_manifest, write_manifest
+
+    out = tmp_path / "out"
+    run = RunInfo("run-a", "2026-01-01", "2026-01-01T00:00:00+00:00", str(out))
+    staged = out / "_staging/run-a/predictions/model_slug=m/run_date=2026-01-01"
+    staged.mkdir(parents=True)
+    for i in range(3):
+        pq.write_table(pa.table({"uri": [f"file:///img{i}.jpg"]}), staged / f"part-run-a-abcdef-{i:05d}.parquet")
+    summary = RunSummary("run-a", "committing", "m", "in", str(out), run_date=run.run_date,
+                         started_at=run.started_at, files=[])
+    write_manifest(summary, run)  # run A has written its intent and is moving its files...
+    real_staged, listed, a_done, errors = commit_mod.staged_files, threading.Event(), threading.Event(), []
+
+    def staged_then_wait(r, so=None):  # ...while run B lists them and waits for A to finish
+        files = real_staged(r, so)
+        if threading.current_thread().name == "B":
+            listed.set()
+            a_done.wait(30)
+        return files
+
+    def run_b():
+        try:
+            commit_mod.roll_forward(str(out))
+        except Exception as exc:  # noqa: BLE001 - the assertion says what B raised
+            errors.append(exc)
+
+    monkeypatch.setattr(commit_mod, "staged_files", staged_then_wait)
+    b = threading.Thread(target=run_b, name="B")
+    b.start()
+    assert listed.wait(30)
+    commit_mod.commit(RunSummary(**json.loads((out / "_runs/run-a/manifest.json").read_text())), run)
+    a_done.set()
+    b.join(30)
+    assert errors == [] and read_manifest(str(out), "run-a").status == "committed"
+    assert [r.run_id for r in committed_runs(str(out))] == ["run-a"]
+    assert len(list(out.glob("predictions/**/*.parquet"))) == 3 and not (out / "_staging/run-a").exists()
+
+
+def test_lasting_failures_are_history_and_retries_go_last(image_dir, tmp_path):
+    """A corrupt image is not retried every night; images that may pass are, after the rest."""
+    from tasks.enumerate import plan_table, read_plan
+    from tasks.plan import RunInfo, new_run, plan_run
+    from tasks.report import RunSummary, write_manifest
+
+    out = tmp_path / "o"
+    settings = ScoreSettings(input=str(image_dir / "photos"), output=str(out))
+    listing = plan_table(sorted(list_inputs(settings), key=lambda o: o.uri))
+    uris = listing["uri"].to_pylist()
+    # an earlier committed run: uris[0] failed for good, uris[1:3] with errors that may pass
+    failed = listing.slice(0, 3).append_column("error_type", pa.array(["corrupt_image", "read_error", "process_died"]))
+    failed = failed.append_column("model_revision", pa.array(["r"] * 3)).append_column(
+        "run_id", pa.array(["earlier"] * 3)).append_column("failed_at", listing["source_mtime"].slice(0, 3))
+    part = out / "errors/model_slug=m/run_date=2026-01-01/part-earlier-aaaaaa-00000.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(failed, part)
+    earlier = RunInfo("earlier", "2026-01-01", "2026-01-01T00:00:00+00:00", str(out))
+    write_manifest(RunSummary("earlier", "committed", "m", "in", str(out), run_date=earlier.run_date,
+                              started_at=earlier.started_at, committed_at=earlier.started_at,
+                              files=[str(part)]), earlier)
+
+    def plan(**kw):
+        s = settings.model_copy(update=kw)
+        run = new_run(s)
+        return plan_run(s, run, "m", "r"), read_plan(run.plan_uri)["uri"].to_pylist()
+
+    counts, planned = plan()
+    assert counts.failed_before == 1 and counts.to_score == len(uris) - 1 and uris[0] not in planned
+    counts, planned = plan(limit=len(uris) - 3)  # room for the never-tried only: no retry in it
+    assert sorted(planned) == uris[3:]
+    counts, planned = plan(limit=len(uris) - 2)
+    assert planned[:-1] == sorted(planned[:-1]) and planned[-1] in uris[1:3] and uris[0] not in planned
+    assert plan(only_failed="any")[1] == uris[:3]  # --only-failed retries lasting failures too
+    assert sorted(plan(force=True)[1]) == uris
+    other_revision = plan_run(settings, new_run(settings), "m", "r2")  # another revision may decode it
+    assert other_revision.failed_before == 0 and other_revision.to_score == len(uris)
+
+
+def test_a_manifest_from_a_newer_version_is_read(tmp_path, caplog):
+    """Fields this version does not know (a newer count, say) are left out, not a TypeError."""
+    import json
+
+    from tasks.commit import roll_forward
+    from tasks.report import format_summary, list_runs, read_manifest
+
+    (tmp_path / "_runs" / "r1").mkdir(parents=True)
+    record = {"run_id": "r1", "status": "committed", "model": "m", "input": "in", "output": str(tmp_path),
+              "listed": 3, "future_count": 7}
+    (tmp_path / "_runs" / "r1" / "manifest.json").write_text(json.dumps(record))
+    assert [r.listed for r in list_runs(str(tmp_path))] == [3] and roll_forward(str(tmp_path)) == []
+    assert "future_count" in caplog.text
+    summary = read_manifest(str(tmp_path), "r1")
+    # no predictions written: the summary offers no query that would fail on a missing folder
+    assert "read_parquet" not in format_summary(summary) and "0 files" in format_summary(summary)

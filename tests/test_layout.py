@@ -88,6 +88,12 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
     assert fused["error_type"].to_pylist() == [None, None, None, "not_an_image"]
     assert fused["error_message"][3].as_py() == "not a recognised image format (20 bytes, starting b'\\xff\\xd8 not r')"
     assert fused["label_ids"].null_count == 1
+    # an actor whose checkpoint is not the run's (reloaded after it changed) scores nothing
+    from tasks.plan import CheckpointChanged
+
+    with pytest.raises(CheckpointChanged, match="the run scores with sha256:other"):
+        actor.score_batch(dict(plan), BatchContext("r", "m", OutputSpec(64), decode, model_revision="sha256:other"))
+    assert actor.score_batch(decoded, BatchContext("r", "m", OutputSpec(64), model_revision=actor.scorer.ref.revision))
 
 
 def test_preprocessing_that_does_not_split_exactly_is_sent_whole(tiny_checkpoint, photos, caplog):

@@ -93,6 +93,8 @@ def test_reprocess_failed_and_force(ray_cluster, prefect_harness, tiny_checkpoin
     common = dict(input=str(src), output=str(out), model=str(tiny_checkpoint), **FAST)
     first = _ok(**common)
     assert first.failed == 2
+    nightly = _ok(**common)  # a corrupt or empty file fails again as it is: not retried every night
+    assert (nightly.to_score, nightly.failed_before, nightly.skipped) == (0, 2, 8)
     first_files = {p: p.stat().st_mtime_ns for p in out.glob("predictions/**/*.parquet")}
     (src / "broken.jpg").write_bytes(_jpeg("white"))  # fixed upstream
     retry = _ok(**common, only_failed=first.run_id)
@@ -121,9 +123,48 @@ def test_error_threshold(ray_cluster, prefect_harness, tiny_checkpoint, photos, 
     assert "3 of 11 images failed" in str(error) and "empty_object=3" in str(error)
     assert not (tmp_path / "out" / "predictions").exists()  # nothing committed
     (manifest,) = (tmp_path / "out" / "_runs").glob("*/manifest.json")
-    assert json.loads(manifest.read_text())["status"] == "failed"
+    recorded = json.loads(manifest.read_text())
+    assert recorded["status"] == "failed" and recorded["failed"] == 3  # as its message says
+    assert recorded["errors_by_type"] == {"empty_object": 3}
     ok = _ok(**common, max_failed=3)
     assert ok.status == "committed" and ok.failed == 3
+
+
+def test_a_resume_scores_with_the_checkpoint_the_run_was_planned_with(ray_cluster, prefect_harness, photos,
+                                                                     tmp_path, monkeypatch):
+    """A checkpoint directory replaced between attempts is refused: one run's rows, one model."""
+    import tasks.write as write_mod
+    from deit_model import create_random_checkpoint
+    from tasks.plan import CheckpointChanged
+
+    from .conftest import TINY_MODEL, TINY_OVERRIDES
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    create_random_checkpoint(TINY_MODEL, model, seed=0, **TINY_OVERRIDES)
+    common = dict(input=str(photos), output=str(out), model=str(model), run_id="pinned", rows_per_file=2, **FAST)
+    real_write, calls = write_mod.DatasetWriter.write, []
+
+    def fail_second(self, table):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the output failed mid-run")
+        return real_write(self, table)
+
+    monkeypatch.setattr(write_mod.DatasetWriter, "write", fail_second)
+    assert _run(**common)[0].is_failed()
+    monkeypatch.setattr(write_mod.DatasetWriter, "write", real_write)
+    planned = json.loads((out / "_runs" / "pinned" / "manifest.json").read_text())["model_revision"]
+    shutil.rmtree(model)
+    create_random_checkpoint(TINY_MODEL, model, seed=1, **TINY_OVERRIDES)  # retrained in place
+    state, error = _run(**common)
+    assert state.is_failed() and isinstance(error, CheckpointChanged) and planned in str(error)
+    shutil.rmtree(model)
+    create_random_checkpoint(TINY_MODEL, model, seed=0, **TINY_OVERRIDES)  # restored: the run resumes
+    summary = _ok(**common)
+    assert summary.status == "committed" and summary.model_revision == planned
+    revisions = duckdb.sql(f"select distinct model_revision from read_parquet('{out}/predictions/**/*.parquet')")
+    assert revisions.fetchall() == [(planned,)]
+    exactly_once(out, "pinned", [f"file://{p}" for p in photos.iterdir()])
 
 
 def test_crash_while_committing_is_rolled_forward(ray_cluster, prefect_harness, tiny_checkpoint, photos,
