@@ -226,7 +226,7 @@ def run_flow(params: dict) -> int:
     """Check ``params``, run the flow, print the summary; return the exit code."""
     settings, ref = check_settings(params)
     from tasks.actor_pool import discard_early
-    from tasks.plan import new_run_id
+    from tasks.plan import RunRefused, new_run_id
     from tasks.pipeline import start_actors_early
     from tasks.ray_cluster import start_early, stop_early
 
@@ -259,9 +259,9 @@ def run_flow(params: dict) -> int:
             print(f"score-images: run {settings.run_id} failed: {error}", file=sys.stderr)
             return EXIT_TOO_MANY_ERRORS
         first_line = (state.message or "unknown error").strip().splitlines()[0]
-        # a ValueError is a refusal (a resume with other options, a changed checkpoint, an unknown
-        # --only-failed run) whose message says what to do; anything else may pass on a resume
-        hint = "" if isinstance(error, ValueError) else f" (details in the log above; {resume})"
+        # a refusal (a resume with other options, a changed checkpoint, an unknown --only-failed
+        # run) says what to do instead; anything else may pass on a resume
+        hint = "" if isinstance(error, RunRefused) else f" (details in the log above; {resume})"
         print(f"score-images: run {settings.run_id} failed: {first_line}{hint}", file=sys.stderr)
         return EXIT_FAILED
     print(format_summary(state.result()))
@@ -270,32 +270,36 @@ def run_flow(params: dict) -> int:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """SIGTERM (a scheduler or `kill` stopping the command) ends the run as Ctrl-C does."""
+    """SIGTERM (a scheduler or `kill`) and SIGHUP (the terminal closed) end the run as Ctrl-C does.
+
+    Why SIGHUP too: Python's default for it exits without atexit hooks, and Prefect's
+    temporary server, in its own session (prefect_early), is stopped by one.
+    """
     import signal
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, interrupt) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def show_runs(output: str, run_id: str | None = None, storage_options: dict | None = None) -> int:
     """Print the runs under ``output`` (or one manifest); exit 2 if there is none."""
-    from dataclasses import asdict
-
     from tasks import storage
-    from tasks.report import list_runs, read_manifest
+    from tasks.report import list_runs, manifest_record, read_manifest
 
     if run_id:
         with storage_checked(output):
             summary = read_manifest(output, run_id, storage_options)
         if summary is None:
             raise UsageError(f"no run {run_id!r} under {output}; 'score-images runs --output {output}' lists them")
-        print(json.dumps(asdict(summary), indent=2, default=str))
+        print(json.dumps(manifest_record(summary), indent=2, default=str))
         return EXIT_OK
     with storage_checked(output):
         runs = list_runs(output, storage_options)

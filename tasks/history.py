@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from deit_model.decode import CORRUPT, EMPTY, NOT_AN_IMAGE, PREPROCESS_ERROR, TOO_LARGE
+from deit_model.decode import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_LARGE
 
 from . import storage
+from .plan import RunRefused
 from .report import RunSummary, list_runs
 from .schema import table_of
 
@@ -54,30 +55,33 @@ def version_key(table: pa.Table) -> pa.Array:
 
 _VERSION_COLUMNS = ["uri", "source_size", "source_etag", "source_mtime"]
 
-# Error types that the same bytes give again (decoding and preprocessing are deterministic): an
-# incremental run does not retry them until the object changes; --only-failed does. A read
-# error, an object missing when read or a process that died may pass, so those are retried.
-LASTING_ERRORS = (EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE, PREPROCESS_ERROR)
+# Error types that the same bytes give again (decoding is deterministic): an incremental run does
+# not retry them until the object changes; --only-failed does. A read error, an object missing
+# when read, a process that died, and preprocess_error (which is whatever the checkpoint's
+# preprocessing raised, a MemoryError included) may pass, so those are retried.
+LASTING_ERRORS = (EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE)
 
 
-def scored_versions(output: str, model: str, revision: str | None,
-                    storage_options: dict | None = None) -> pa.Table:
-    """(uri, version) of every successful prediction by this model and revision."""
-    return _versions(output, model, revision, "predictions", storage_options)
+def scored_versions(output: str, model: str, revision: str | None, storage_options: dict | None = None,
+                    runs: list[RunSummary] | None = None) -> pa.Table:
+    """(uri, version) of every successful prediction by this model and revision (of ``runs``, if given)."""
+    runs = committed_runs(output, storage_options, model) if runs is None else runs
+    return _versions(runs, revision, "predictions", storage_options)
 
 
-def failed_versions(output: str, model: str, revision: str | None,
-                    storage_options: dict | None = None) -> pa.Table:
+def failed_versions(output: str, model: str, revision: str | None, storage_options: dict | None = None,
+                    runs: list[RunSummary] | None = None) -> pa.Table:
     """(uri, version, lasting) of every error row by this model and revision; lasting: see LASTING_ERRORS."""
-    table = _versions(output, model, revision, "errors", storage_options, ["error_type"])
+    runs = committed_runs(output, storage_options, model) if runs is None else runs
+    table = _versions(runs, revision, "errors", storage_options, ["error_type"])
     lasting = pc.is_in(table["error_type"], value_set=pa.array(LASTING_ERRORS))
     return table.drop_columns(["error_type"]).append_column("lasting", lasting)
 
 
-def _versions(output: str, model: str, revision: str | None, kind: str, storage_options: dict | None,
+def _versions(runs: list[RunSummary], revision: str | None, kind: str, storage_options: dict | None,
               extra: list[str] = ()) -> pa.Table:
-    """(uri, version, *extra) of the committed ``kind`` rows by this model (and revision, if given)."""
-    files = committed_files(committed_runs(output, storage_options, model), kind)
+    """(uri, version, *extra) of the ``kind`` rows of committed ``runs`` (of ``revision``, if given)."""
+    files = committed_files(runs, kind)
     table = read_files(files, _VERSION_COLUMNS + list(extra), storage_options,
                        filter=ds.field("model_revision") == revision if revision else None)
     if table is None:
@@ -92,7 +96,7 @@ def failed_uris(output: str, model: str, which: str, storage_options: dict | Non
     if which != "any":
         runs = [r for r in runs if r.run_id == which]
         if not runs:
-            raise ValueError(f"no committed run {which!r} of model {model!r} under {output}")
+            raise RunRefused(f"no committed run {which!r} of model {model!r} under {output}")
         errors = read_files(committed_files(runs, "errors"), ["uri"], storage_options)
         return set(errors["uri"].to_pylist()) if errors is not None else set()
     newest = latest(output, storage_options, model)

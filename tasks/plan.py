@@ -75,13 +75,17 @@ def resumed_run(settings: ScoreSettings, previous) -> RunInfo:
     """The RunInfo of an unfinished run being resumed; its parameters must not differ."""
     changed = [k for k in IDENTITY if _comparable(k, _recorded(previous, k)) != _comparable(k, getattr(settings, k))]
     if changed:
-        raise ValueError(
+        raise RunRefused(
             f"run {previous.run_id} was started with different {', '.join(changed)}; rerun it with its "
             "original parameters (see its manifest) or start a new run without --run-id")
     return RunInfo(previous.run_id, previous.run_date, previous.started_at, settings.output)
 
 
-class CheckpointChanged(ValueError):
+class RunRefused(ValueError):
+    """The run cannot go on as asked, and a plain resume would not help: the message says what to do."""
+
+
+class CheckpointChanged(RunRefused):
     """The model a run was planned with is no longer what its name resolves to."""
 
 
@@ -151,6 +155,8 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
         plan = listing
     else:
         plan, known = _incremental(listing, settings, model, revision, counts)
+    if known is None:  # --force or --only-failed: what they leave out of the listing
+        counts.skipped = counts.listed - plan.num_rows
     if settings.limit and plan.num_rows > settings.limit:
         # the limit bounds the work, after the skip: a limited nightly run still progresses
         plan = plan.slice(0, settings.limit)
@@ -173,10 +179,11 @@ def _incremental(listing: pa.Table, settings: ScoreSettings, model: str, revisio
     Failures that may pass (a read error) are planned again, after everything else when
     a limit cuts the plan, so a few objects that fail every night cannot take all of it.
     """
-    from .history import failed_versions, scored_versions, version_key
+    from .history import committed_runs, failed_versions, scored_versions, version_key
 
-    scored = scored_versions(settings.output, model, revision, settings.storage_options)
-    failed = failed_versions(settings.output, model, revision, settings.storage_options)
+    history = (settings.output, model, revision, settings.storage_options)
+    runs = committed_runs(settings.output, settings.storage_options, model)  # one read of the manifests
+    scored, failed = scored_versions(*history, runs=runs), failed_versions(*history, runs=runs)
     keyed = listing.append_column("version", version_key(listing))
     plan = keyed.join(scored, keys=["uri", "version"], join_type="left anti")
     counts.skipped = keyed.num_rows - plan.num_rows

@@ -50,6 +50,8 @@ class RunSummary:
     committed_at: str = ""
     attempts: int = 0
     message: str = ""
+    # fields of a manifest written by a newer version, kept so that rewriting it loses none
+    newer_fields: dict = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -88,7 +90,7 @@ def write_manifest(summary: RunSummary, run: RunInfo, storage_options: dict | No
     """Write ``_runs/<run_id>/manifest.json`` in one piece and return its URI."""
     fs, path = storage.filesystem(run.manifest_uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    storage.write_atomic(fs, path, json.dumps(asdict(summary), indent=2, default=str).encode())
+    storage.write_atomic(fs, path, json.dumps(manifest_record(summary), indent=2, default=str).encode())
     return storage.to_uri(fs, path)
 
 
@@ -102,17 +104,24 @@ def read_manifest(output: str, run_id: str, storage_options: dict | None = None)
         return None
 
 
+def manifest_record(summary: RunSummary) -> dict:
+    """What the manifest file holds: the summary's fields, and those of a newer version as they were."""
+    record = asdict(summary)
+    return {**record.pop("newer_fields"), **record}
+
+
 def summary_of(record: dict, where: str = "a manifest") -> RunSummary:
-    """A manifest's RunSummary; fields this version does not know are left out, with a warning.
+    """A manifest's RunSummary; fields this version does not know are kept aside, with a warning.
 
     Why: a manifest written by a newer version (one more count, say) must not stop an older
-    worker, mid-rollout or after a rollback, from listing, planning or committing on that output.
+    worker, mid-rollout or after a rollback, from listing, planning or committing on that output,
+    nor lose those fields when it rewrites the manifest (a roll-forward, a resume).
     """
-    known = {f.name for f in fields(RunSummary)}
-    unknown = sorted(set(record) - known)
-    if unknown:
-        logger.warning("%s has fields this version does not know, left out: %s", where, ", ".join(unknown))
-    return RunSummary(**{k: v for k, v in record.items() if k in known})
+    known = {f.name for f in fields(RunSummary)} - {"newer_fields"}
+    newer = {k: v for k, v in record.items() if k not in known}
+    if newer:
+        logger.warning("%s has fields this version does not know, kept as they are: %s", where, ", ".join(newer))
+    return RunSummary(**{k: v for k, v in record.items() if k in known}, newer_fields=newer)
 
 
 def list_runs(output: str, storage_options: dict | None = None) -> list[RunSummary]:

@@ -33,7 +33,8 @@ def test_run_that_fails_exits_1(ray_cluster, prefect_harness, tiny_checkpoint, i
     code = main(["run", "--input", str(image_dir / "photos"), "--output", str(blocker / "out"),
                  "--model", str(tiny_checkpoint), "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
     err = capsys.readouterr().err
-    assert code == EXIT_FAILED and "run failed" in err
+    run_id = err.split("score-images: run ")[1].split()[0]  # chosen by the command, named in its last line
+    assert code == EXIT_FAILED and f"run {run_id} failed: " in err and f"rerun with --run-id {run_id}" in err
 
 
 def test_demo_command_offline(session_tmp, tmp_path):

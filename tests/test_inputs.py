@@ -287,7 +287,8 @@ def test_a_manifest_from_a_newer_version_is_read(tmp_path, caplog):
     import json
 
     from tasks.commit import roll_forward
-    from tasks.report import format_summary, list_runs, read_manifest
+    from tasks.plan import RunInfo
+    from tasks.report import format_summary, list_runs, read_manifest, write_manifest
 
     (tmp_path / "_runs" / "r1").mkdir(parents=True)
     record = {"run_id": "r1", "status": "committed", "model": "m", "input": "in", "output": str(tmp_path),
@@ -296,5 +297,8 @@ def test_a_manifest_from_a_newer_version_is_read(tmp_path, caplog):
     assert [r.listed for r in list_runs(str(tmp_path))] == [3] and roll_forward(str(tmp_path)) == []
     assert "future_count" in caplog.text
     summary = read_manifest(str(tmp_path), "r1")
+    summary.attempts += 1  # rewritten by this version (a resume, a roll-forward): the newer field stays
+    write_manifest(summary, RunInfo("r1", "", "", str(tmp_path)))
+    assert json.loads((tmp_path / "_runs" / "r1" / "manifest.json").read_text())["future_count"] == 7
     # no predictions written: the summary offers no query that would fail on a missing folder
     assert "read_parquet" not in format_summary(summary) and "0 files" in format_summary(summary)
