@@ -5,7 +5,7 @@
 # a ceiling of its own run; the baseline, which decodes in one process, at 4,000 right after) and
 # CaiT-M36 384 (ceiling and ours). Results go to $OUT, at most 8 files: hardware.txt,
 # gpu_check.json, deit-base.md, deit-base-device-decode.md, deit-base-baseline.md, cait.md,
-# logs.tgz (each stage's log, the raw results), run.log. Each step has its own time limit (550 s
+# logs.tgz (each stage's log, the raw results), run.log. Each step has its own time limit (530 s
 # in all), most important first, so a slow one leaves the others' results.
 #
 # Here, first: benchmarks/device_bundle.sh (Ray, Prefect and theirs -> .device/site.tar.xz).
@@ -23,7 +23,10 @@ deit="${DEIT_MODEL:-facebook/deit-base-distilled-patch16-224}" cait="${CAIT_MODE
 work=/tmp/device-bench
 mkdir -p "$out" /tmp/site "$work"
 exec > >(tee "$out/run.log") 2>&1
-tar -xJf .device/site.tar.xz -C /tmp/site || { echo "no .device/site.tar.xz: run benchmarks/device_bundle.sh"; exit 2; }
+[ -f .device/site.tar.xz ] || { echo "no .device/site.tar.xz: run benchmarks/device_bundle.sh"; exit 2; }
+# python's tarfile where the image has no xz binary
+tar -xJf .device/site.tar.xz -C /tmp/site 2>/dev/null \
+    || "$py" -c "import tarfile; tarfile.open('.device/site.tar.xz').extractall('/tmp/site')" || exit 2
 export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 # bytecode once, on all cores: without it every process of every stage compiles Ray and Prefect
 # from source (their imports took 9 to 10 s instead of 4.7 s here), and start-up would count it
@@ -35,8 +38,11 @@ cat "$out/hardware.txt"
 bench() {  # name, seconds, throughput.py arguments...
     local name=$1 limit=$2; shift 2
     echo "== $name (at most ${limit} s)"
-    timeout "$limit" "$py" benchmarks/throughput.py --device "$device" --dtype "$dtype" --workdir "$work" \
-        --settle 3 --ceiling-seconds 4 --timeout "$limit" --out "$out/$name.md" "$@"
+    # a stage past its own limit has its process group (the command, its Ray cluster) killed;
+    # past the step's, timeout's SIGTERM makes throughput.py do the same (SIGTERM, 10 s, SIGKILL)
+    # before timeout's own SIGKILL, 20 s later
+    timeout -k 20 "$limit" "$py" benchmarks/throughput.py --device "$device" --dtype "$dtype" --workdir "$work" \
+        --settle 3 --ceiling-seconds 4 --timeout "$((limit - 25))" --out "$out/$name.md" "$@"
     echo "== $name: exit $?"
 }
 echo "== gpu_check"
@@ -52,10 +58,10 @@ bench deit-base-device-decode 110 --model "$deit" --images "${DEIT_IMAGES:-20000
     --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip baseline peer --ours-args=--device-decode
 # the naive baseline decodes in one process, at a few hundred images/s: a smaller set, right after
 # shellcheck disable=SC2086
-bench deit-base-baseline 60 --model "$deit" --images "${BASELINE_IMAGES:-4000}" \
+bench deit-base-baseline 50 --model "$deit" --images "${BASELINE_IMAGES:-4000}" \
     --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip ceiling ours peer
 # shellcheck disable=SC2086
-bench cait 110 --model "$cait" --images "${CAIT_IMAGES:-3000}" --batch-sizes ${CAIT_BATCHES:-32 64} \
+bench cait 100 --model "$cait" --images "${CAIT_IMAGES:-3000}" --batch-sizes ${CAIT_BATCHES:-32 64} \
     --batch-size "${CAIT_BATCH:-64}" --skip baseline peer
 tar -czf "$out/logs.tgz" -C "$work" logs $(cd "$work" && ls results-*.json 2>/dev/null)
 echo "== done"

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -265,6 +266,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
+    # a SIGTERM (device_run.sh's `timeout`) unwinds, so run_measured kills the running stage's
+    # process group, which its own session keeps out of reach of the signal, and its Ray cluster
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg.logs.mkdir(parents=True, exist_ok=True)
     meta = {"command": "benchmarks/throughput.py " + shlex.join(argv), "commit": git_commit(),

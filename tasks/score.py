@@ -59,7 +59,11 @@ class ScoringActor:
         """Hold ``scorer`` and ``preprocessor``, with the per-actor state the calls share."""
         self.scorer, self.preprocessor = scorer, preprocessor
         self._schemas: dict[OutputSpec, pa.Schema] = {}
-        self._model_lock = threading.Lock()  # one forward pass at a time: bounded device memory
+        # one forward pass at a time. Device memory is not halved by it: the caching allocator
+        # keeps each call thread's stream's blocks apart, about two forward passes' worth
+        self._model_lock = threading.Lock()
+        if scorer.device.type == "cuda" and preprocessor.splits_exactly():  # else normalize() is never used
+            _warm_normalize(preprocessor, scorer.device)
 
     def preprocessing(self) -> dict:
         """The preprocessing configuration, for the output's lineage."""
@@ -124,6 +128,18 @@ class ScoringActor:
 
 
 PROCESS_DIED = "process_died"  # error_type of an image whose scoring process died each time
+
+
+def _warm_normalize(preprocessor, device) -> None:
+    """Build the normalisation's cached device constants once, before two call threads share them.
+
+    transformers caches the fused mean and std as device tensors, computed on the stream of
+    the first call: another thread's stream could otherwise read them before that kernel ran.
+    """
+    import torch
+
+    preprocessor.normalize(torch.zeros((1, 3, 8, 8), dtype=torch.uint8, device=device))
+    torch.cuda.synchronize(device)
 
 
 def process_error_rows(batch: dict[str, np.ndarray], context: BatchContext, message: str) -> pa.Table:
