@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"score-images: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before a run started (checks, start-up): nothing to resume
+        print("score-images: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:

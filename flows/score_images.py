@@ -68,6 +68,7 @@ def score_task(settings: ScoreSettings, run: RunInfo, pinned: str | None) -> dic
     ref = run_checkpoint(settings, pinned)
     result = score_run(settings, run, ref, on_progress=progress_reporter(f"run {run.run_id}"))
     return {"scored": result.scored, "failed": result.failed, "errors_by_type": result.errors_by_type,
+            "attempt_images": result.scored + result.failed - result.earlier,
             "preprocessing": result.preprocessing,
             "top_labels": top_labels(result.files, settings.storage_options)}
 

@@ -279,4 +279,4 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
         preprocessing = load_preprocessor(ref.local_dir).to_dict()
     scored, failed, by_type = count_done(done_rows(run, settings.storage_options))
     files = staged_files(run, settings.storage_options) + moved_files(run, settings.storage_options)
-    return WriteResult(scored, failed, files, by_type, preprocessing)
+    return WriteResult(scored, failed, files, by_type, preprocessing, earlier=done.num_rows)

@@ -39,8 +39,9 @@ class RunSummary:
     skipped: int = 0  # already scored with this version: not scored again
     failed_before: int = 0  # failed in this version with a lasting error (corrupt...): not retried
     to_score: int = 0  # new + changed (or everything, with force; the failed ones, with only_failed)
-    scored: int = 0
+    scored: int = 0  # over all attempts
     failed: int = 0
+    attempt_images: int | None = None  # scored + failed by the last attempt alone: what its rate counts
     errors_by_type: dict[str, int] = field(default_factory=dict)
     top_labels: dict[str, int] = field(default_factory=dict)  # most frequent best labels, most first
     files: list[str] = field(default_factory=list)
@@ -55,8 +56,9 @@ class RunSummary:
 
     @property
     def throughput(self) -> float:
-        """Images per second over the scoring stage."""
-        return (self.scored + self.failed) / max(self.timings_s.get("score", 0.0), 1e-9)
+        """Images per second over the last attempt's scoring stage (a resume's earlier rows not counted)."""
+        images = self.scored + self.failed if self.attempt_images is None else self.attempt_images
+        return images / max(self.timings_s.get("score", 0.0), 1e-9)
 
 
 def public_parameters(settings: ScoreSettings) -> dict:

@@ -35,6 +35,7 @@ class WriteResult:
     files: list[str] = field(default_factory=list)
     errors_by_type: dict[str, int] = field(default_factory=dict)
     preprocessing: dict = field(default_factory=dict)
+    earlier: int = 0  # of scored + failed, the rows that earlier attempts of the run wrote
 
     def add_errors(self, kinds: list[str]) -> None:
         for kind in kinds:

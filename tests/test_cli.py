@@ -198,3 +198,14 @@ def test_unreadable_preprocessing_exits_2_and_leaves_the_cluster(capsys, tmp_pat
     assert code == EXIT_USAGE and "cannot read preprocessing" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
     assert ray_cluster.is_initialized()  # the session's cluster was not ours to stop
+
+
+def test_ctrl_c_before_the_run_starts_is_one_line_and_exit_130(capsys, monkeypatch):
+    import flows.cli as cli
+
+    def interrupted(params):
+        raise KeyboardInterrupt  # as Ctrl-C lands while the command checks its arguments or starts Ray
+
+    monkeypatch.setattr(cli, "run_flow", interrupted)
+    code, _, err = _run(capsys, "run", "--input", "x", "--output", "y")
+    assert code == cli.EXIT_INTERRUPTED == 130 and err.strip() == "score-images: interrupted"

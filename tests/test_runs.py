@@ -162,6 +162,8 @@ def test_a_resume_scores_with_the_checkpoint_the_run_was_planned_with(ray_cluste
     create_random_checkpoint(TINY_MODEL, model, seed=0, **TINY_OVERRIDES)  # restored: the run resumes
     summary = _ok(**common)
     assert summary.status == "committed" and summary.model_revision == planned
+    # the first attempt wrote one batch of 4; the rate counts only what this attempt scored
+    assert (summary.scored, summary.attempt_images) == (8, 4)
     revisions = duckdb.sql(f"select distinct model_revision from read_parquet('{out}/predictions/**/*.parquet')")
     assert revisions.fetchall() == [(planned,)]
     exactly_once(out, "pinned", [f"file://{p}" for p in photos.iterdir()])
