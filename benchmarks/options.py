@@ -77,7 +77,7 @@ def default_layout(cfg: argparse.Namespace, cores: int) -> None:
     0), as decode and model share the cores anyway. The peer's recipe keeps
     its separate read and preprocess tasks, with half a core for them. Torch
     threads beyond the cores (an actor and decode tasks both multi-threaded)
-    cut throughput five-fold here, so no layout oversubscribes.
+    cut throughput about four-fold here (12 against 50 img/s, docs/benchmarks.md), so no layout oversubscribes.
     """
     cpu = cfg.device == "cpu"
     if cfg.num_actors is None:

@@ -74,13 +74,11 @@ def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
     except ResourceError:
         if settings.resource_wait_seconds <= 0:
             raise
-    from ray.autoscaler.sdk import request_resources
-
     actor = {"CPU": settings.cpus_per_actor}
     if settings.device == "cuda":
         actor["GPU"] = settings.gpus_per_actor
     decode = [{"CPU": settings.decode_cpus}] if settings.decode_cpus > 0 else []
-    request_resources(bundles=[dict(actor) for _ in range(settings.num_actors)] + decode)
+    _request_resources([dict(actor) for _ in range(settings.num_actors)] + decode)
     logger.info("waiting up to %.0f s for the cluster to provide %d x %s + %g decode CPUs",
                 settings.resource_wait_seconds, settings.num_actors, actor, settings.decode_cpus)
     deadline = time.monotonic() + settings.resource_wait_seconds
@@ -113,9 +111,25 @@ def start_actors_early(settings: ScoreSettings, ref: CheckpointRef) -> None:
 
 def release_resources() -> None:
     """Withdraw this run's standing autoscaler request, so the cluster may scale down again."""
-    from ray.autoscaler.sdk import request_resources
+    _request_resources([])
 
-    request_resources(bundles=[])
+
+def _request_resources(bundles: list[dict]) -> None:
+    """Ask the autoscaler for ``bundles`` (none: withdraw the request), from inside the cluster.
+
+    Why a task: ``ray.autoscaler.sdk`` needs the process's own GCS client, which a driver
+    connected through Ray Client (``ray://``, as the Kubernetes work pool's runs are) does
+    not have. A task with no CPU runs on a node of the cluster, even one with none free.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=3)
+    def request(bundles: list[dict]) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+
+    ray.get(request.remote(bundles))
 
 
 def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef,

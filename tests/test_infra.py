@@ -236,7 +236,7 @@ def test_dockerfile_base_image_matches_the_venv_ray_and_python():
 
 def test_dockerfile_pins_ray_to_the_base_image_version():
     installs = [rest for instr, rest in dockerfile_instructions() if instr == "RUN" and "pip install" in rest]
-    assert any('"ray[data]==${RAY_VERSION}"' in rest for rest in installs), \
+    assert any('"ray[data,client]==${RAY_VERSION}"' in rest for rest in installs), \
         "pip must not be free to replace the base image's Ray"
 
 
@@ -335,10 +335,12 @@ def test_gpu_worker_resources_match_what_ray_advertises():
 def test_gpu_workers_land_on_gpu_nodes_with_a_memory_backed_shm():
     pod = gpu_group(raycluster())["template"]["spec"]
     assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])) or pod.get("nodeSelector")
-    shm = [m for m in ray_container({"spec": pod})["volumeMounts"] if m["mountPath"] == "/dev/shm"]
-    assert len(shm) == 1
-    volume = next(v for v in pod["volumes"] if v["name"] == shm[0]["name"])
-    assert volume["emptyDir"]["medium"] == "Memory"
+    head = raycluster()["spec"]["headGroupSpec"]["template"]["spec"]  # the proxied drivers' object store
+    for spec in (pod, head):
+        shm = [m for m in ray_container({"spec": spec})["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert len(shm) == 1
+        volume = next(v for v in spec["volumes"] if v["name"] == shm[0]["name"])
+        assert volume["emptyDir"]["medium"] == "Memory"
 
 
 def test_head_is_cpu_only_and_reachable():
@@ -472,3 +474,22 @@ def test_console_script_exists():
     target = pyproject()["project"]["scripts"]["score-images"]
     module, _, attr = target.partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
+
+
+def test_the_wheel_holds_every_file_the_packages_read(tmp_path):
+    """The container installs a wheel, not the tree: data files must be declared (package-data)."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for package in ("deit_model", "tasks", "flows"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(tmp_path)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    data = [p.relative_to(REPO).as_posix() for package in ("deit_model", "tasks", "flows")
+            for p in (REPO / package).rglob("*") if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts]
+    assert data and not [f for f in data if f not in held]

@@ -53,7 +53,7 @@ def _ray_env() -> dict:
 def two_node_cluster(session_tmp):
     """A head (1 CPU) and a worker node (2 CPUs): two `ray start --block` processes."""
     temp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's unix sockets live under it
-    address = f"127.0.0.1:{_free_port()}"
+    address, client_port = f"127.0.0.1:{_free_port()}", _free_port()
     common = ["--disable-usage-stats", "--object-store-memory=200000000", "--block"]
     logs = session_tmp / "ray-multinode"
     logs.mkdir(exist_ok=True)
@@ -73,9 +73,9 @@ def two_node_cluster(session_tmp):
 
     try:
         start("head", ["--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
-                       f"--temp-dir={temp}", "--include-dashboard=false"])
+                       f"--ray-client-server-port={client_port}", f"--temp-dir={temp}", "--include-dashboard=false"])
         _wait_for_nodes(address, 1, procs)
-        yield address, add_worker_node
+        yield address, f"ray://127.0.0.1:{client_port}", add_worker_node
     finally:
         for proc in reversed(procs):  # SIGTERM makes `ray start --block` stop the node it started
             os.killpg(proc.pid, signal.SIGTERM)
@@ -98,9 +98,11 @@ def _wait_for_nodes(address: str, n: int, procs: list, timeout: float = 90) -> N
 
 def test_flow_joins_a_cluster_by_address_and_scores_on_the_worker_node(two_node_cluster, image_dir,
                                                                       tiny_checkpoint, session_tmp):
-    address, add_worker_node = two_node_cluster
+    address, client_address, add_worker_node = two_node_cluster
     out = session_tmp / "multinode-out"
-    env = {**_ray_env(), "RAY_ADDRESS": address}
+    # through Ray Client, as the Kubernetes work pool's runs join (infra/k8s): the driver has no
+    # GCS client of its own, so the autoscaler request must run inside the cluster
+    env = {**_ray_env(), "RAY_ADDRESS": client_address}
     proc = subprocess.Popen(
         [str(BIN / "score-images"), "run", "--input", str(image_dir), "--output", str(out),
          "--model", str(tiny_checkpoint), "--cpus-per-actor", "2", "--decode-cpus", "1",
@@ -117,7 +119,7 @@ def test_flow_joins_a_cluster_by_address_and_scores_on_the_worker_node(two_node_
     assert proc.wait(timeout=600) == 0, "".join(lines)[-4000:]
     reader.join(timeout=10)
     log = "".join(lines)
-    assert f"ray: connected to {address}" in log
+    assert f"ray: connected to {client_address}" in log
 
     assert ds.dataset(out / "predictions", format="parquet").count_rows() == 14
     assert ds.dataset(out / "errors", format="parquet").count_rows() == 3
