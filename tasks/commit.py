@@ -45,7 +45,7 @@ def moved_files(run: RunInfo, storage_options: dict | None = None) -> list[str]:
     """Files of ``run`` already in the dataset (moved by an interrupted commit)."""
     fs, root = storage.filesystem(run.output, storage_options)
     # exact: run "nightly" must not claim the files of run "nightly-2"
-    name = re.compile(rf"part-{re.escape(run.run_id)}-[0-9a-f]{{6}}-\d{{5}}\.parquet")
+    name = re.compile(rf"part-{re.escape(run.run_id)}-[0-9a-f]{{6}}-\d{{5,}}\.parquet")
     found = []
     for table in TABLES:
         pattern = f"{root}/{table}/model_slug=*/run_date={run.run_date}/part-{run.run_id}-*.parquet"

@@ -5,8 +5,9 @@ readers, and move into the dataset when the run commits (:mod:`tasks.commit`).
 Each file appears whole or not at all (:class:`storage.AtomicWriter`). Files
 roll over every ``rows_per_file`` rows, so a large run makes a few big files
 rather than thousands of small ones, and at least every ``checkpoint_seconds``,
-which bounds the work a crash can lose; row groups hold up to
-``ROW_GROUP_ROWS`` rows so readers can skip and parallelise within a file.
+which bounds the work a crash can lose; row groups hold ``ROW_GROUP_ROWS`` rows
+(the last of a file fewer, and fewer where ``ROW_GROUP_BYTES`` is reached first: token
+features), so readers can skip and parallelise within a file.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from .schema import ERRORS_SCHEMA, OutputSpec, parquet_options, partition_dir, p
 logger = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 8192
+# a row group is also written once this much is pending: token features (T x D floats per image)
+# would otherwise hold gigabytes in the driver before 8192 rows gathered
+ROW_GROUP_BYTES = 64 << 20
 
 
 @dataclass
@@ -53,19 +57,39 @@ class _RollingFile:
         self.out: storage.AtomicWriter | None = None
         self.writer: pq.ParquetWriter | None = None
         self.files: list[str] = []
+        # slices not yet in the file: pyarrow ends a row group with every write_table call, so
+        # writing each actor batch (32 rows) as it came made files of ~1,500 tiny row groups
+        # (13 % larger, reads of one column 10 to 35x slower); they are gathered to ROW_GROUP_ROWS
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.pending_bytes = 0
 
     def write(self, table: pa.Table) -> None:
         while table.num_rows:
             if self.writer is None:
                 self._open()
             take = min(table.num_rows, self.rows_per_file - self.rows)
-            self.writer.write_table(table.slice(0, take), row_group_size=ROW_GROUP_ROWS)
+            part = table.slice(0, take)
+            self.pending.append(part)
+            self.pending_rows, self.pending_bytes = self.pending_rows + take, self.pending_bytes + part.nbytes
             self.rows += take
             table = table.slice(take)
             if self.rows >= self.rows_per_file:
                 self.close()
+            elif self.pending_rows >= ROW_GROUP_ROWS or self.pending_bytes >= ROW_GROUP_BYTES:
+                self._flush()
         if self.writer is not None and time.monotonic() - self.opened_at >= self.checkpoint_seconds:
             self.close()
+
+    def _flush(self, final: bool = False) -> None:
+        """Write the pending slices as whole row groups of ROW_GROUP_ROWS; ``final``: all of them."""
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        whole = final or self.pending_bytes >= ROW_GROUP_BYTES
+        cut = table.num_rows if whole else table.num_rows - table.num_rows % ROW_GROUP_ROWS
+        self.writer.write_table(table.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
+        rest = table.slice(cut)
+        self.pending, self.pending_rows, self.pending_bytes = ([rest] if rest.num_rows else []), rest.num_rows, rest.nbytes
 
     def _open(self) -> None:
         self.fs.makedirs(self.dir, exist_ok=True)
@@ -77,8 +101,13 @@ class _RollingFile:
     def close(self) -> None:
         """Finish the current file: from now on it is complete and kept."""
         if self.writer is not None:
-            self.writer.close()
-            self.out.close()
+            try:
+                self._flush(final=True)
+                self.writer.close()
+                self.out.close()
+            except BaseException:
+                self.abort()  # else the garbage collector could finish and publish it later
+                raise
             self.files.append(storage.to_uri(self.fs, self.out.path))
         self.writer, self.out, self.rows = None, None, 0
 
@@ -92,6 +121,7 @@ class _RollingFile:
         if self.out is not None:
             self.out.abort()
         self.writer, self.out, self.rows = None, None, 0
+        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
 
 
 class DatasetWriter:
@@ -128,8 +158,12 @@ class DatasetWriter:
             rolling.abort()
 
     def close(self) -> WriteResult:
-        """Finish all open files and return what was written."""
-        for rolling in self.tables.values():
-            rolling.close()
+        """Finish all open files and return what was written; if one cannot be finished, none is left open."""
+        try:
+            for rolling in self.tables.values():
+                rolling.close()
+        except BaseException:
+            self.abort()
+            raise
         self.result.files = [f for rolling in self.tables.values() for f in rolling.files]
         return self.result

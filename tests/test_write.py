@@ -93,3 +93,58 @@ def test_an_aborted_object_store_write_never_publishes_what_was_written(s3fs_cli
         gc.collect()
         assert not store
         assert fs is not s3fs_client or not s3fs_client.exists(path)
+
+
+def test_many_small_batches_make_few_large_row_groups(tmp_path, monkeypatch):
+    """Actors send 32-row batches; each write_table call ends a row group, so they are gathered first."""
+    import tasks.write as write_mod
+
+    monkeypatch.setattr(write_mod, "ROW_GROUP_ROWS", 100)  # 8192 in a run; small here, same logic
+    spec = OutputSpec(8)
+    batch = _scored(spec, 32, 8)
+    writer = DatasetWriter(str(tmp_path), model_name="m", run_id="r", run_date="2026-12-02", spec=spec,
+                           rows_per_file=250)
+    for _ in range(20):  # 640 rows: files of 250, 250 and 140
+        writer.write(batch)
+    files = [f.removeprefix("file://") for f in writer.close().files]
+    groups = [[pq.ParquetFile(f).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(f).num_row_groups)]
+              for f in sorted(files)]
+    assert sorted(sum(g) for g in groups) == [140, 250, 250]
+    assert all(n <= 100 for g in groups for n in g) and sum(len(g) for g in groups) <= 9  # not 20+ of 32 rows
+    # a batch far larger than the pending bound is written at once, in row groups of the bound
+    monkeypatch.setattr(write_mod, "ROW_GROUP_BYTES", 1)
+    one = DatasetWriter(str(tmp_path / "b"), model_name="m", run_id="r", run_date="2026-12-02", spec=spec,
+                        rows_per_file=1000)
+    one.write(_scored(spec, 300, 8))
+    assert one.tables["predictions"].pending_rows == 0
+    [path] = one.close().files
+    assert pq.ParquetFile(path.removeprefix("file://")).metadata.num_rows == 300
+
+
+def test_a_file_that_cannot_be_finished_leaves_nothing_open(tmp_path, monkeypatch):
+    """If finishing the predictions file fails, the errors file is aborted, not left to the collector."""
+    import pytest
+
+    from tasks import storage
+
+    spec = OutputSpec(8)
+    batch = _scored(spec, 4, 8)
+    errors = batch.slice(0, 2).set_column(batch.schema.get_field_index("error_type"), "error_type",
+                                          pa.array(["corrupt_image"] * 2))
+    writer = DatasetWriter(str(tmp_path), model_name="m", run_id="r", run_date="2026-12-02", spec=spec,
+                           rows_per_file=1000)
+    writer.write(pa.concat_tables([batch.slice(2), errors]))
+    real_close, aborted = storage.AtomicWriter.close, []
+    real_abort = storage.AtomicWriter.abort
+
+    def failing_close(self):
+        if "predictions" in self.path:
+            raise OSError("the store refused the upload")
+        return real_close(self)
+
+    monkeypatch.setattr(storage.AtomicWriter, "close", failing_close)
+    monkeypatch.setattr(storage.AtomicWriter, "abort", lambda self: aborted.append(self.path) or real_abort(self))
+    with pytest.raises(OSError, match="refused"):
+        writer.close()
+    assert sorted("errors" in p for p in aborted) == [False, True]  # both aborted
+    assert not list(tmp_path.glob("**/*.parquet")) and not list(tmp_path.glob("**/*.inprogress"))
