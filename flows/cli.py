@@ -65,11 +65,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _flag(name: str) -> str:
+    """A setting's command-line option: ``top_k`` -> ``--top-k``."""
+    return "--" + name.replace("_", "-")
+
+
 def _add_settings_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for name, field in ScoreSettings.model_fields.items():
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = _flag(name)
         ann = _unwrap_optional(field.annotation)
         args = typing.get_args(ann)
         kwargs: dict = {"dest": name, "help": field.description.replace("%", "%%")}
@@ -195,8 +200,7 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     try:
         settings = ScoreSettings(**params)
     except ValidationError as exc:
-        raise UsageError(format_validation_error(exc, name=lambda f: "--" + f.replace("_", "-"),
-                                                 whole="options")) from None
+        raise UsageError(format_validation_error(exc, name=_flag, whole="options")) from None
     try:
         ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         check_preprocessing(ref.local_dir)  # inspects the config (architecture) first

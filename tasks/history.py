@@ -62,17 +62,13 @@ _VERSION_COLUMNS = ["uri", "source_size", "source_etag", "source_mtime"]
 LASTING_ERRORS = (EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE)
 
 
-def scored_versions(output: str, model: str, revision: str | None, storage_options: dict | None = None,
-                    runs: list[RunSummary] | None = None) -> pa.Table:
-    """(uri, version) of every successful prediction by this model and revision (of ``runs``, if given)."""
-    runs = committed_runs(output, storage_options, model) if runs is None else runs
+def scored_versions(runs: list[RunSummary], revision: str | None, storage_options: dict | None = None) -> pa.Table:
+    """(uri, version) of every successful prediction of committed ``runs`` (one model's) at ``revision``."""
     return _versions(runs, revision, "predictions", storage_options)
 
 
-def failed_versions(output: str, model: str, revision: str | None, storage_options: dict | None = None,
-                    runs: list[RunSummary] | None = None) -> pa.Table:
-    """(uri, version, lasting) of every error row by this model and revision; lasting: see LASTING_ERRORS."""
-    runs = committed_runs(output, storage_options, model) if runs is None else runs
+def failed_versions(runs: list[RunSummary], revision: str | None, storage_options: dict | None = None) -> pa.Table:
+    """(uri, version, lasting) of every error row of committed ``runs`` at ``revision``; see LASTING_ERRORS."""
     table = _versions(runs, revision, "errors", storage_options, ["error_type"])
     lasting = pc.is_in(table["error_type"], value_set=pa.array(LASTING_ERRORS))
     return table.drop_columns(["error_type"]).append_column("lasting", lasting)

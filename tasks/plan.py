@@ -181,9 +181,9 @@ def _incremental(listing: pa.Table, settings: ScoreSettings, model: str, revisio
     """
     from .history import committed_runs, failed_versions, scored_versions, version_key
 
-    history = (settings.output, model, revision, settings.storage_options)
     runs = committed_runs(settings.output, settings.storage_options, model)  # one read of the manifests
-    scored, failed = scored_versions(*history, runs=runs), failed_versions(*history, runs=runs)
+    scored = scored_versions(runs, revision, settings.storage_options)
+    failed = failed_versions(runs, revision, settings.storage_options)
     keyed = listing.append_column("version", version_key(listing))
     plan = keyed.join(scored, keys=["uri", "version"], join_type="left anti")
     counts.skipped = keyed.num_rows - plan.num_rows
