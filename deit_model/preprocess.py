@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 from typing import Any, Sequence
 
@@ -195,62 +194,6 @@ def _rgb_to_tensors(images: Sequence, convert) -> list:
     return [convert(img) if isinstance(img, Image.Image) and img.mode == "RGB" else img for img in images]
 
 
-class TimmPreprocessor(Preprocessor):
-    """timm's eval transform for a checkpoint's data config."""
-
-    def __init__(self, config: dict):
-        from .timm_backend import create_transform
-
-        self.config = config
-        self.transform = create_transform(config)
-
-    def __call__(self, images: Sequence) -> np.ndarray:
-        import torch
-
-        if not images:
-            return np.zeros((0, *self.config["input_size"]), dtype=np.float32)
-        return torch.stack([self.transform(img) for img in images]).numpy().astype(np.float32, copy=False)
-
-    def to_uint8(self, images: Sequence) -> np.ndarray:
-        head, _ = self._halves
-        return np.stack([np.asarray(head(img)).transpose(2, 0, 1) for img in images])
-
-    def geometry(self, images: Sequence):
-        import torch
-
-        head, _ = self._halves  # Resize and CenterCrop take tensors too (antialiased, not PIL's code)
-        return torch.stack([head(t) for t in images])
-
-    def normalize(self, x):
-        import torch
-
-        _, tail = self._halves
-        # what ToTensor does to 8-bit pixels, then the steps after it (Normalize)
-        return tail(x.to(torch.float32).div(255))
-
-    @functools.cached_property
-    def _halves(self):
-        """The transform's steps before and after its ToTensor (built once, used every batch)."""
-        from torchvision import transforms
-
-        steps = list(self.transform.transforms)
-        cut = next(i for i, t in enumerate(steps) if isinstance(t, transforms.ToTensor))
-        return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut + 1:])
-
-    def to_dict(self) -> dict:
-        return {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}}
-
-    def _resize(self) -> tuple[str | None, Any]:
-        # the eval transform's crop_mode "center" (the default) resizes the shortest edge;
-        # "squash" and "border" fit the image into a square of that side
-        side = self.min_decode_side()
-        return ("shortest_edge", side) if self.config.get("crop_mode", "center") == "center" else ("fixed", (side, side))
-
-    def min_decode_side(self) -> int:
-        # timm resizes the shortest edge to input_size / crop_pct before cropping
-        return int(math.floor(max(self.config["input_size"][1:]) / self.config.get("crop_pct", 1.0)))
-
-
 def _check_split(pre: Preprocessor) -> bool:
     """Run both ways on probe images (odd sizes, up- and downscaled); any difference means no split."""
     import torch
@@ -314,7 +257,7 @@ def create_preprocessor(model: str, revision: str | None = None, storage_options
 def load_preprocessor(local_dir: str) -> Preprocessor:
     """The checkpoint's own preprocessing."""
     if inspect_checkpoint(local_dir).backend == "timm":
-        from .timm_backend import data_config
+        from .timm_backend import TimmPreprocessor, data_config
 
         return TimmPreprocessor(data_config(local_dir))
     from transformers import AutoImageProcessor

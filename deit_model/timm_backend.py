@@ -9,9 +9,15 @@ the labels from timm's own ImageNet class names (no download).
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
 
 from .loading import ModelLoadError
+from .preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +81,57 @@ def data_config(local_dir: str) -> dict:
 def create_transform(config: dict):
     """timm's eval transform for ``config`` (PIL image -> normalised tensor)."""
     return _timm().data.create_transform(**config, is_training=False)
+
+
+class TimmPreprocessor(Preprocessor):
+    """timm's eval transform for a checkpoint's data config."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.transform = create_transform(config)
+
+    def __call__(self, images: Sequence) -> np.ndarray:
+        import torch
+
+        if not images:
+            return np.zeros((0, *self.config["input_size"]), dtype=np.float32)
+        return torch.stack([self.transform(img) for img in images]).numpy().astype(np.float32, copy=False)
+
+    def to_uint8(self, images: Sequence) -> np.ndarray:
+        head, _ = self._halves
+        return np.stack([np.asarray(head(img)).transpose(2, 0, 1) for img in images])
+
+    def geometry(self, images: Sequence):
+        import torch
+
+        head, _ = self._halves  # Resize and CenterCrop take tensors too (antialiased, not PIL's code)
+        return torch.stack([head(t) for t in images])
+
+    def normalize(self, x):
+        import torch
+
+        _, tail = self._halves
+        # what ToTensor does to 8-bit pixels, then the steps after it (Normalize)
+        return tail(x.to(torch.float32).div(255))
+
+    @functools.cached_property
+    def _halves(self):
+        """The transform's steps before and after its ToTensor (built once, used every batch)."""
+        from torchvision import transforms
+
+        steps = list(self.transform.transforms)
+        cut = next(i for i, t in enumerate(steps) if isinstance(t, transforms.ToTensor))
+        return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut + 1:])
+
+    def to_dict(self) -> dict:
+        return {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}}
+
+    def _resize(self) -> tuple[str | None, Any]:
+        # the eval transform's crop_mode "center" (the default) resizes the shortest edge;
+        # "squash" and "border" fit the image into a square of that side
+        side = self.min_decode_side()
+        return ("shortest_edge", side) if self.config.get("crop_mode", "center") == "center" else ("fixed", (side, side))
+
+    def min_decode_side(self) -> int:
+        # timm resizes the shortest edge to input_size / crop_pct before cropping
+        return int(math.floor(max(self.config["input_size"][1:]) / self.config.get("crop_pct", 1.0)))

@@ -14,9 +14,7 @@ import json
 import logging
 import os
 import sys
-import types
 import typing
-from datetime import datetime
 
 from pydantic import ValidationError
 
@@ -26,6 +24,7 @@ if typing.TYPE_CHECKING:
     from deit_model import CheckpointRef
 
 from . import LIBRARY_LOGGERS
+from .options import add_settings_options, flag, json_object
 
 logger = logging.getLogger(__name__)
 
@@ -65,60 +64,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _flag(name: str) -> str:
-    """A setting's command-line option: ``top_k`` -> ``--top-k``."""
-    return "--" + name.replace("_", "-")
-
-
-def _add_settings_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    for name, field in ScoreSettings.model_fields.items():
-        if name in skip:
-            continue
-        flag = _flag(name)
-        ann = _unwrap_optional(field.annotation)
-        args = typing.get_args(ann)
-        kwargs: dict = {"dest": name, "help": field.description.replace("%", "%%")}
-        if typing.get_origin(ann) is typing.Literal:
-            kwargs["choices"] = list(args)
-        elif typing.get_origin(ann) is list:
-            kwargs["action"] = "append"
-            kwargs["metavar"] = "GLOB"
-        elif ann is datetime:
-            kwargs["type"] = datetime.fromisoformat
-            kwargs["metavar"] = "ISO8601"
-        elif ann is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif ann is int:
-            kwargs["type"] = int
-        elif ann is float:
-            kwargs["type"] = float
-        elif typing.get_origin(ann) is dict:
-            kwargs["type"] = _json_object
-            kwargs["metavar"] = "JSON"
-        if field.is_required():
-            kwargs["required"] = True
-        else:
-            default = field.default_factory() if field.default_factory else field.default
-            kwargs["help"] += f" (default: {default})"
-            kwargs["default"] = argparse.SUPPRESS
-        parser.add_argument(flag, **kwargs)
-
-
-def _unwrap_optional(ann):
-    args = [a for a in typing.get_args(ann) if a is not type(None)]
-    return args[0] if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1 else ann
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -140,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", formatter_class=_HelpFormatter, help="score images under --input and write Parquet to --output",
                          description="Run the score-images flow in this process (ephemeral Prefect "
                                      "unless PREFECT_API_URL is set).")
-    _add_settings_options(run)
+    add_settings_options(run)
     demo = sub.add_parser("demo", help="score generated sample images offline (see README)",
                           description="Generate sample images and score them with the default model, "
                                       "or with a random-weight copy of it when the hub is unreachable.")
@@ -151,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "run's manifest as JSON with --run-id.")
     runs.add_argument("--output", required=True, help="the output the runs wrote to")
     runs.add_argument("--run-id", help="print this run's manifest")
-    runs.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+    runs.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
                       help="fsspec options for the output")
     return parser
 
@@ -200,7 +145,7 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
     try:
         settings = ScoreSettings(**params)
     except ValidationError as exc:
-        raise UsageError(format_validation_error(exc, name=_flag, whole="options")) from None
+        raise UsageError(format_validation_error(exc, name=flag, whole="options")) from None
     try:
         ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         check_preprocessing(ref.local_dir)  # inspects the config (architecture) first
