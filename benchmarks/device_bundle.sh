@@ -10,6 +10,12 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 site="$(mktemp -d)"
 trap 'rm -rf "$site"' EXIT
 mkdir -p "$root/.device"
+# the commit the results will be of: the device's copy of the tree has no .git
+git -C "$root" rev-parse HEAD > "$root/.device/commit"
+if [ "$root/.device/site.tar.xz" -nt "$root/benchmarks/device-requirements.txt" ]; then
+    echo "reusing .device/site.tar.xz (newer than benchmarks/device-requirements.txt)"
+    exit 0
+fi
 python3 -m pip install --quiet --no-deps --no-compile --only-binary=:all: --target "$site" \
     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_27_x86_64 \

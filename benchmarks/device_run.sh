@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 6 in one device call, inside its 10-minute limit: GPU correctness
 # (benchmarks/gpu_check.py), then the throughput benchmark for DeiT-base distilled in bf16
-# (ceiling, ours and the peer at 20,000 images; then ours with --device-decode, nvJPEG, against
-# a ceiling of its own run; the baseline, which decodes in one process, at 4,000 right after) and
-# CaiT-M36 384 (ceiling and ours). Results go to $OUT, at most 8 files: hardware.txt,
-# gpu_check.json, deit-base.md, deit-base-device-decode.md, deit-base-baseline.md, cait.md,
-# logs.tgz (each stage's log, the raw results), run.log. Each step has its own time limit (530 s
-# in all), most important first, so a slow one leaves the others' results.
+# (ceiling, ours and the peer at 20,000 images, the baseline, which decodes in one process, on
+# the first 4,000 of them; then ours with --device-decode, nvJPEG, against a ceiling of its own
+# run) and CaiT-M36 384 (ceiling and ours). Results go to $OUT, at most 7 files: hardware.txt,
+# gpu_check.json, deit-base.md, deit-base-device-decode.md, cait.md, logs.tgz (each stage's log
+# and the raw results, packed again after every step), run.log. Each step has its own time limit
+# (470 s in all, plus up to 20 s each for a killed one), most important first, so a slow one
+# leaves the others' results; throughput.py saves its report after every stage.
 #
 # Here, first: benchmarks/device_bundle.sh (Ray, Prefect and theirs -> .device/site.tar.xz).
 # Then, with the device tool: run(command="bash benchmarks/device_run.sh", carry=[".device"]).
@@ -28,6 +29,9 @@ exec > >(tee "$out/run.log") 2>&1
 tar -xJf .device/site.tar.xz -C /tmp/site 2>/dev/null \
     || "$py" -c "import tarfile; tarfile.open('.device/site.tar.xz').extractall('/tmp/site')" || exit 2
 export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+# the device's copy of the tree has no .git: the commit is the one device_bundle.sh recorded
+BENCH_COMMIT="$(cat .device/commit 2>/dev/null || echo unknown) (recorded by device_bundle.sh)"
+export BENCH_COMMIT
 # bytecode once, on all cores: without it every process of every stage compiles Ray and Prefect
 # from source (their imports took 9 to 10 s instead of 4.7 s here), and start-up would count it
 "$py" -m compileall -q -j 0 /tmp/site > /dev/null 2>&1
@@ -44,24 +48,23 @@ bench() {  # name, seconds, throughput.py arguments...
     timeout -k 20 "$limit" "$py" benchmarks/throughput.py --device "$device" --dtype "$dtype" --workdir "$work" \
         --settle 3 --ceiling-seconds 4 --timeout "$((limit - 25))" --out "$out/$name.md" "$@"
     echo "== $name: exit $?"
+    pack
+}
+pack() {  # the logs and raw results so far, so a step cut off by the call's own limit leaves them
+    tar -czf "$out/logs.tgz" -C "$work" logs $(cd "$work" && ls results-*.json 2>/dev/null) 2>/dev/null
 }
 echo "== gpu_check"
-timeout 80 "$py" benchmarks/gpu_check.py --device "$device" --model "$deit" "$cait" --images 16 \
+timeout 70 "$py" benchmarks/gpu_check.py --device "$device" --model "$deit" "$cait" --images 16 \
     --out "$out/gpu_check.json"
 echo "== gpu_check: exit $?"
 # word splitting of the batch-size lists is meant
 # shellcheck disable=SC2086
-bench deit-base 190 --model "$deit" --images "${DEIT_IMAGES:-20000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
-    --batch-size "${DEIT_BATCH:-128}" --skip baseline
+bench deit-base 200 --model "$deit" --images "${DEIT_IMAGES:-20000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
+    --batch-size "${DEIT_BATCH:-128}" --baseline-images "${BASELINE_IMAGES:-4000}"
 # JPEGs decoded on the GPU (nvJPEG) instead of by the decode tasks' PIL, with its own ceiling
-bench deit-base-device-decode 110 --model "$deit" --images "${DEIT_IMAGES:-20000}" \
+bench deit-base-device-decode 100 --model "$deit" --images "${DEIT_IMAGES:-20000}" \
     --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip baseline peer --ours-args=--device-decode
-# the naive baseline decodes in one process, at a few hundred images/s: a smaller set, right after
-# shellcheck disable=SC2086
-bench deit-base-baseline 50 --model "$deit" --images "${BASELINE_IMAGES:-4000}" \
-    --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip ceiling ours peer
 # shellcheck disable=SC2086
 bench cait 100 --model "$cait" --images "${CAIT_IMAGES:-3000}" --batch-sizes ${CAIT_BATCHES:-32 64} \
     --batch-size "${CAIT_BATCH:-64}" --skip baseline peer
-tar -czf "$out/logs.tgz" -C "$work" logs $(cd "$work" && ls results-*.json 2>/dev/null)
 echo "== done"

@@ -21,6 +21,9 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     p.add_argument("--images", type=int, nargs="+", default=[1000], help="image counts (one e2e run each)")
     p.add_argument("--compare-at", type=int, nargs="+", default=None,
                    help="image counts at which baseline and peer run too (default: the smallest of --images)")
+    p.add_argument("--baseline-images", type=int, default=None,
+                   help="the baseline scores only the first N images of each compared set (it decodes in one "
+                        "process; on a GPU a set big enough for ours' steady state would take it minutes)")
     p.add_argument("--kind", choices=sorted(images.KINDS), default="small",
                    help="small: 500x375 ~110 KB JPEGs; phone: 4000x3000 ~3 MB")
     p.add_argument("--source", choices=["local", "s3"], default="local",
@@ -49,6 +52,8 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/deit-throughput"),
                    help="images, checkpoints, outputs and logs; image sets and checkpoints are reused")
     p.add_argument("--out", type=Path, default=None, help="docs/benchmarks.md (markdown) or a .json file")
+    p.add_argument("--progress-seconds", type=float, default=None,
+                   help="ours' progress interval, its timing points (default: 0.5 on cuda, 10 on cpu)")
     p.add_argument("--settle", type=float, default=10.0,
                    help="seconds after the first result before the steady-state window opens")
     p.add_argument("--wait-idle", type=float, default=0.0,
@@ -58,6 +63,8 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     if cfg.batch_size not in cfg.batch_sizes:
         cfg.batch_sizes.append(cfg.batch_size)
     default_layout(cfg, os.cpu_count() or 1)
+    if cfg.progress_seconds is None:
+        cfg.progress_seconds = 0.5 if cfg.device == "cuda" else 10.0
     if cfg.compare_at is None:
         cfg.compare_at = [min(cfg.images)]
     if cfg.ceiling_threads is None:

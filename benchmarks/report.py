@@ -14,10 +14,18 @@ def _num(v, fmt="{:.1f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
-def _best(ceiling: list[dict], batch: int, after: bool) -> float | None:
-    """The best forward rate at ``batch``, over thread counts, measured before (or after) the stages."""
-    return max((r["rate"] for r in ceiling if r.get("batch") == batch and bool(r.get("after")) == after),
-               default=None)
+def _best(ceiling: list[dict], batch: int | None, after: bool) -> dict | None:
+    """The ceiling row with the best forward rate, measured before (or after) the stages.
+
+    ``batch`` None: over every batch size and thread count (the machine's ceiling); else at that batch.
+    """
+    rows = [r for r in ceiling if "rate" in r and bool(r.get("after")) == after
+            and (batch is None or r.get("batch") == batch)]
+    return max(rows, key=lambda r: r["rate"], default=None)
+
+
+def _rate(row: dict | None) -> float | None:
+    return row["rate"] if row else None
 
 
 def _ours(block: dict) -> dict | None:
@@ -28,9 +36,10 @@ def _ours(block: dict) -> dict | None:
 
 def format_block(cfg, block: dict) -> list[str]:
     """The table and ratios of one (model, dtype)."""
-    # the ceiling is the machine's: the best forward rate at the end-to-end batch size, whatever the
-    # thread count, not the rate at the actor's own thread count (which would hide idle cores)
-    ceiling = _best(block["ceiling"], cfg.batch_size, after=False)
+    # the ceiling is the machine's: the best forward rate measured, whatever the batch size and thread
+    # count, not the rate at the actor's own threads or the end-to-end batch (either could hide headroom)
+    best = _best(block["ceiling"], None, after=False)
+    ceiling, at_batch = _rate(best), _rate(_best(block["ceiling"], cfg.batch_size, after=False))
     lines = [f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}; "
              f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
              + (f"decode tasks {cfg.decode_cpus:g} CPU" if cfg.decode_cpus else "decoding in the actors")
@@ -41,31 +50,39 @@ def format_block(cfg, block: dict) -> list[str]:
              "| peak PSS MiB | ours ÷ this | other work, cores |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [(r, None) for r in block["ceiling"]] + [(r, n) for n, rs in block["runs"].items() for r in rs]
-    for n in block["runs"]:
-        ours = next((r for r in block["runs"][n] if r["stage"] == "ours" and "error" not in r), None)
-        block.setdefault("ours_rate", {})[n] = ours and ours["rate"]
+    ours_rates = {n: r["rate"] for n, rs in block["runs"].items() for r in rs
+                  if r["stage"] == "ours" and "error" not in r}
     for r, n in rows:
         if "error" in r:
             lines.append(f"| {r['stage']} | {_num(n, '{:,}')} | | failed: {r['error'][:120]} | | | | | | |")
             continue
-        ours_rate = block["ours_rate"].get(n) if n else next(iter(block["ours_rate"].values()), None)
+        ours_rate = ours_rates.get(n) if n else next(iter(ours_rates.values()), None)
         ratio = ours_rate / r["rate"] if ours_rate and r.get("rate") else None
         m = r["memory"]
+        unsettled = "*" if r.get("settled") is False else ""
         lines.append(f"| {r['stage']} | {_num(r.get('images'), '{:,}')} | {r.get('batch', cfg.batch_size)} "
-                     f"| {_num(r.get('rate'))} | {_num(r.get('startup_s'))} | {_num(r.get('wall_s'))} "
+                     f"| {_num(r.get('rate'))}{unsettled} | {_num(r.get('startup_s'))} | {_num(r.get('wall_s'))} "
                      f"| {m['peak_rss_mib']:,.0f} | {m['peak_pss_mib']:,.0f} | {_num(ratio, '{:.2f}')} "
                      f"| {m['other_cores']:.2f} |")
     lines.append("")
-    after = _best(block["ceiling"], cfg.batch_size, after=True)
-    if ceiling and after:  # the machine drifts: the same forward pass, measured again after the end-to-end stages
-        lines.append(f"- ceiling after the end-to-end stages / before = {after / ceiling:.2f}; "
-                     f"ours / the mean of both = {_ratio(_ours(block) or {}, (ceiling + after) / 2)}")
+    if any(r.get("settled") is False for rs in block["runs"].values() for r in rs):
+        lines.append("- \\* too short for the settling window: measured from the first result, which overstates "
+                     "the steady state")
+    after = _rate(_best(block["ceiling"], cfg.batch_size, after=True))
+    if at_batch and after:  # the machine drifts: the same forward pass, measured again after the end-to-end stages
+        lines.append(f"- ceiling at batch {cfg.batch_size} after the end-to-end stages / before = "
+                     f"{after / at_batch:.2f}; ours / the mean of both = "
+                     f"{_ratio(_ours(block) or {}, (at_batch + after) / 2)}")
     for n, rs in block["runs"].items():
         by = {r["stage"].split(" ")[0]: r for r in rs if "error" not in r}
         ours = by.get("ours")
         if not ours:
             continue
-        parts = [f"ours / ceiling = {_ratio(ours, ceiling)} (target >= 0.85)",
+        where = (f"the best ceiling, {best['rate']:.1f} img/s at batch {best['batch']}"
+                 + (f", {best['threads']} thread{'s' * (best['threads'] != 1)}" if cfg.device == "cpu" else "")
+                 + (f"; at ours' batch {cfg.batch_size}: {_ratio(ours, at_batch)}" if best["batch"] != cfg.batch_size
+                    else "")) if best else "no ceiling measured"
+        parts = [f"ours / ceiling = {_ratio(ours, ceiling)} (target >= 0.85; {where})",
                  f"ours / baseline = {_ratio(ours, by.get('baseline', {}).get('rate'))}",
                  f"ours / peer = {_ratio(ours, by.get('peer', {}).get('rate'))}",
                  f"start-up {ours['startup_s']:.1f} s (target < 20 s; "
@@ -102,7 +119,8 @@ def format_report(cfg, meta: dict, blocks: list[dict]) -> str:
 
 
 def write_out(path: Path, text: str, data: dict) -> None:
-    """JSON for ``.json``; markdown otherwise, between the markers if the file has them, else appended."""
+    """JSON for ``.json``; markdown otherwise, between the markers, which a file without them gets
+    appended with the text, so each incremental save replaces the last one instead of repeating it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
         path.write_text(json.dumps(data, indent=2, default=str))
@@ -112,4 +130,4 @@ def write_out(path: Path, text: str, data: dict) -> None:
         head, rest = old.split(BEGIN, 1)
         path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
     else:
-        path.write_text(old + ("\n" if old else "") + text)
+        path.write_text(old + ("\n" if old else "") + f"{BEGIN}\n{text}{END}\n")

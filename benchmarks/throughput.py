@@ -26,10 +26,8 @@ import argparse
 import itertools
 import json
 import logging
-import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -39,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import images  # noqa: E402 - sibling modules of this script, not a package
 import options  # noqa: E402
 import procmem  # noqa: E402
+from harness import (child_env, count_rows, git_commit, ours_command, prefect_database,  # noqa: E402
+                     resolve_model, run_child)
 from report import format_report, write_out  # noqa: E402
 
 logger = logging.getLogger("throughput")
 
-ROOT = Path(__file__).resolve().parents[1]
 OURS_PATTERNS = {  # log lines of score-images run (tasks/pipeline.py, tasks/ray_cluster.py, Prefect)
     "first": r"progress: first (\d+) images after ([\d.]+) s",
     "progress": r"progress: (\d+)/(\d+) images \(\d+%\), ([\d.]+) img/s",
@@ -59,38 +58,7 @@ OURS_PATTERNS = {  # log lines of score-images run (tasks/pipeline.py, tasks/ray
 
 
 
-# ---------------------------------------------------------------- parent: running stages
-
-def child_env(extra: dict | None = None) -> dict:
-    """The environment every stage gets: the same for all, offline, unbuffered."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
-               **(extra or {}))
-    # Ray sets OMP_NUM_THREADS per actor from its CPUs only when it is unset
-    env.pop("OMP_NUM_THREADS", None)
-    return env
-
-
-def run_child(name: str, args: dict, log: Path, timeout: float | None = None,
-              env: dict | None = None) -> procmem.ChildRun:
-    """Run stage child ``name`` in a fresh interpreter; raise if it fails."""
-    cmd = [sys.executable, str(Path(__file__).resolve().with_name("stages.py")), name, json.dumps(args)]
-    run = procmem.run_measured(cmd, env or child_env(), log_path=log, timeout=timeout)
-    if run.returncode != 0:
-        raise RuntimeError(f"stage {name} failed (exit {run.returncode}); see {log}:\n  "
-                           + "\n  ".join(run.tail[-8:]))
-    return run
-
-
-def resolve_model(name: str, workdir: Path) -> Path:
-    """A checkpoint directory for ``name``: itself if it is one, else a random-weight copy (reused)."""
-    if Path(name).is_dir():
-        return Path(name).resolve()
-    target = workdir / "checkpoints" / ("random-" + name.replace("/", "--").replace(":", "-"))
-    if not (target / "config.json").exists():
-        logger.info("making a random-weight checkpoint of %s in %s", name, target)
-        run_child("checkpoint", {"model": name, "dir": str(target)}, workdir / "logs" / "checkpoint.log")
-    return target
-
+# ---------------------------------------------------------------- parent: measuring stages
 
 def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str, after: bool = False) -> list[dict]:
     """One row per (threads, batch size): forward-only images per second.
@@ -108,16 +76,6 @@ def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str, after: bool
             for e in run.events if e["event"] == "ceiling"]
 
 
-def ours_command() -> list[str]:
-    """The ``score-images`` command beside this interpreter, or the same entry point run as a module.
-
-    The second is for an interpreter with the project on ``PYTHONPATH`` rather
-    than installed (the lent GPU machine, docs/benchmarks.md).
-    """
-    script = Path(sys.executable).parent / "score-images"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
-
-
 def measure_ours(cfg, ckpt: Path, dtype: str, source: str, n: int, storage_options: dict) -> dict:
     """``score-images run`` end to end, read from its log lines."""
     out = cfg.workdir / "outputs" / f"ours-{time.time_ns()}"
@@ -125,10 +83,13 @@ def measure_ours(cfg, ckpt: Path, dtype: str, source: str, n: int, storage_optio
            "--model", str(ckpt), "--batch-size", str(cfg.batch_size), "--dtype", dtype, "--device", cfg.device,
            "--num-actors", str(cfg.num_actors), "--cpus-per-actor", str(cfg.cpus_per_actor),
            "--decode-cpus", str(cfg.decode_cpus), "--gpus-per-actor", str(cfg.gpus_per_actor)]
+    # progress lines are ours' only timing points: dense enough for a settled window at GPU rates
+    cmd += ["--progress-seconds", str(cfg.progress_seconds)]
     cmd += ["--fast-decode"] if cfg.fast_decode else []
     cmd += ["--storage-options", json.dumps(storage_options)] if storage_options else []
     cmd += shlex.split(cfg.ours_args)
     env = child_env({"PREFECT_HOME": str(cfg.workdir / "prefect-home")})
+    prefect_database(env)
     run = procmem.run_measured(cmd, env, OURS_PATTERNS, cfg.logs / f"ours-{ckpt.name}-{dtype}-{n}.log", cfg.timeout)
     if run.returncode != 0 or not run.first("first"):
         raise RuntimeError(f"ours failed (exit {run.returncode}):\n  " + "\n  ".join(run.tail[-8:]))
@@ -178,8 +139,8 @@ def stage_row(stage: str, n: int, rows: int, run: procmem.ChildRun, points: list
     Start-up is launch to the first point. The steady state is measured from
     the first point at least ``settle`` s after the first result (results that
     were queued behind the first one would otherwise inflate it) to the last;
-    runs too short for that fall back to the first point. Refuses a run whose
-    output does not hold every image.
+    runs too short for that fall back to the first point (``settled`` False,
+    marked in the report). Refuses a run whose output does not hold every image.
     """
     if rows != n:
         raise RuntimeError(f"{stage} wrote {rows} rows for {n} images; not reporting a figure")
@@ -187,18 +148,10 @@ def stage_row(stage: str, n: int, rows: int, run: procmem.ChildRun, points: list
     t_end, n_end = points[-1]
     t0, n0 = next(((t, k) for t, k in points if t - t_first >= settle and t < t_end), points[0])
     steady = (n_end - n0) / (t_end - t0) if n_end > n0 and t_end > t0 else None
-    return {"stage": stage, "images": n, "rows": rows, "rate": steady, "startup_s": t_first - run.launched,
+    return {"stage": stage, "images": n, "rows": rows, "rate": steady, "settled": t0 - t_first >= settle,
+            "startup_s": t_first - run.launched,
             "wall_s": run.ended - run.launched, "first_n": n_first, "window": [n0, n_end, round(t_end - t0, 1)],
             "memory": run.memory.as_dict(), **extra}
-
-
-def count_rows(path: Path) -> int:
-    """Rows of the Parquet dataset under ``path`` (hive-partitioned), 0 if there is none."""
-    import pyarrow.dataset as pds
-
-    if not path.exists():
-        return 0
-    return pds.dataset(str(path), format="parquet", partitioning="hive").count_rows()
 
 
 # ---------------------------------------------------------------- parent: the run
@@ -206,7 +159,9 @@ def count_rows(path: Path) -> int:
 def run_stage(results: list, stage: str, fn, cfg, *args) -> None:
     """Run one measurement, recording a failure as a row instead of stopping the benchmark.
 
-    Waits up to ``--wait-idle`` s for other work on the machine to stop first.
+    Waits up to ``--wait-idle`` s for other work on the machine to stop first,
+    and saves the results so far after the stage (``cfg.save``), so a run cut
+    short by a time limit keeps every figure it finished.
     """
     busy, deadline = procmem.busy_cores(), time.monotonic() + cfg.wait_idle
     while busy > 0.25 and time.monotonic() < deadline:
@@ -214,48 +169,39 @@ def run_stage(results: list, stage: str, fn, cfg, *args) -> None:
     logger.info("%s: starting (%.2f cores busy beforehand)", stage, busy)
     try:
         rows = fn(cfg, *args)
+    except (SystemExit, KeyboardInterrupt):  # device_run.sh's timeout: say so, keep the rest, stop
+        results.append({"stage": stage, "error": "interrupted (time limit)", "busy_before": busy})
+        cfg.save()
+        raise
     except Exception as exc:  # noqa: BLE001 - one broken stage must not hide the others' figures
         logger.error("%s failed: %s", stage, exc)
         rows = {"stage": stage, "error": str(exc).splitlines()[0]}
     for row in rows if isinstance(rows, list) else [rows]:
         results.append(dict(row, busy_before=busy))
         logger.info("%s", {k: v for k, v in row.items() if k != "memory"})
+    cfg.save()
 
 
-def end_to_end(cfg, ckpt: Path, dtype: str, n: int) -> list[dict]:
-    """ours, baseline and peer on one image set of N images."""
+def end_to_end(cfg, ckpt: Path, dtype: str, n: int, rows: list[dict]) -> None:
+    """ours, baseline and peer on one image set of N images, their rows appended to ``rows``."""
     root = cfg.workdir / "images" / f"{cfg.kind}-{n}"
-    made = images.make_images(root, n, cfg.kind, pool=cfg.pool)
-    rows: list[dict] = []
+    cfg.mean_image_bytes[n] = images.make_images(root, n, cfg.kind, pool=cfg.pool)["mean_bytes"]
     if cfg.source == "s3":
         with images.S3Source(root, n) as s3:
             options = {"endpoint_url": s3.endpoint}
             _end_to_end(cfg, rows, ckpt, dtype, root, n, s3.uri, options, s3.endpoint)
     else:
         _end_to_end(cfg, rows, ckpt, dtype, root, n, str(root), {}, "")
-    for row in rows:
-        row["mean_image_bytes"] = made["mean_bytes"]
-    return rows
 
 
 def _end_to_end(cfg, rows, ckpt, dtype, root, n, source, options, endpoint) -> None:
     if "ours" not in cfg.skip:
         run_stage(rows, "ours", measure_ours, cfg, ckpt, dtype, source, n, options)
     compare = n in cfg.compare_at  # baseline and peer need not run at every size
-    if "baseline" not in cfg.skip and compare:
-        run_stage(rows, "baseline", measure_baseline, cfg, ckpt, dtype, root, n)
+    if "baseline" not in cfg.skip and compare:  # on the first --baseline-images of the set: it is slow
+        run_stage(rows, "baseline", measure_baseline, cfg, ckpt, dtype, root, min(n, cfg.baseline_images or n))
     if "peer" not in cfg.skip and compare:
         run_stage(rows, "peer", measure_peer, cfg, ckpt, dtype, source, n, endpoint)
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -273,24 +219,29 @@ def main(argv: list[str] | None = None) -> None:
     cfg.logs.mkdir(parents=True, exist_ok=True)
     meta = {"command": "benchmarks/throughput.py " + shlex.join(argv), "commit": git_commit(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "hardware": procmem.hardware()}
-    blocks = []
+    blocks: list[dict] = []
     raw = cfg.workdir / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    cfg.mean_image_bytes = {}
+
+    def save() -> None:  # after every stage: the report so far and the raw rows
+        raw.write_text(json.dumps({"meta": meta, "blocks": blocks}, indent=2, default=str))
+        if cfg.out:
+            write_out(cfg.out, format_report(cfg, meta, blocks), {"meta": meta, "blocks": blocks})
+
+    cfg.save = save
     for model in cfg.model:
         ckpt = resolve_model(model, cfg.workdir)
         for dtype in cfg.dtype:
-            block = {"model": model, "dtype": dtype, "checkpoint": str(ckpt), "ceiling": [], "runs": {}}
+            block = {"model": model, "dtype": dtype, "checkpoint": str(ckpt), "ceiling": [], "runs": {},
+                     "mean_image_bytes": cfg.mean_image_bytes}
             blocks.append(block)
             if "ceiling" not in cfg.skip:
                 run_stage(block["ceiling"], "ceiling", measure_ceiling, cfg, ckpt, dtype)
             for n in cfg.images:
-                block["runs"][n] = end_to_end(cfg, ckpt, dtype, n)
-                raw.write_text(json.dumps({"meta": meta, "blocks": blocks}, indent=2, default=str))
+                end_to_end(cfg, ckpt, dtype, n, block["runs"].setdefault(n, []))
             if "ceiling" not in cfg.skip and block["runs"]:  # again, to show how far the machine drifted
                 run_stage(block["ceiling"], "ceiling, after", measure_ceiling, cfg, ckpt, dtype, True)
-    text = format_report(cfg, meta, blocks)
-    print(text)
-    if cfg.out:
-        write_out(cfg.out, text, {"meta": meta, "blocks": blocks})
+    print(format_report(cfg, meta, blocks))
     logger.info("raw results in %s, stage logs in %s", raw, cfg.logs)
 
 

@@ -26,8 +26,6 @@ from .write import DatasetWriter, WriteResult
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 10.0
-
 
 class ResourceError(ValueError):
     """The requested actors cannot fit the cluster alongside the decode stage."""
@@ -176,7 +174,7 @@ def stream_plan(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, poo
                 plan.num_rows, settings.batch_size, settings.num_actors, placement.device,
                 f"decode tasks of {settings.decode_cpus:g} CPU" if settings.decode_cpus else "decoding in the actors",
                 window)
-    progress = _Progress(plan.num_rows, on_progress)
+    progress = _Progress(plan.num_rows, settings.progress_seconds, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)
     for table in pool.imap(plan_batches(plan, settings.batch_size), context, window, settings.decode_cpus):
@@ -198,10 +196,10 @@ class ProgressEvent:
 
 
 class _Progress:
-    """Logs images done, rate and errors: the first result at once, then every few seconds."""
+    """Logs images done, rate and errors: the first result at once, then every ``every_s`` seconds and at the end."""
 
-    def __init__(self, total: int, on_progress=None):
-        self.total, self.start, self.last = total, time.monotonic(), 0.0
+    def __init__(self, total: int, every_s: float, on_progress=None):
+        self.total, self.every_s, self.start, self.last = total, every_s, time.monotonic(), 0.0
         self.first: tuple[float, int] | None = None  # (time, done) at the first result
         self.on_progress = on_progress
 
@@ -212,7 +210,7 @@ class _Progress:
             # start-up (cluster, actors, model load) ends here; logged so it can be measured
             self.first = (now, done)
             logger.info("progress: first %d images after %.1f s", done, now - self.start)
-        elif now - self.last < PROGRESS_EVERY_S and done < self.total:
+        elif now - self.last < self.every_s and done < self.total:
             return
         self.last = now
         t0, d0 = self.first

@@ -70,6 +70,8 @@ class ScoreSettings(BaseModel):
         None, ge=0, le=1, description="fail the run when more than this share of its images fail (0.05 = 5%)")
     checkpoint_seconds: float = Field(
         300, gt=0, description="finish a staged file at least this often, bounding the work a crash can lose")
+    progress_seconds: float = Field(
+        10, gt=0, le=3600, description="seconds between progress lines (images done, rate, failures) while scoring")
     token_features: bool = Field(
         False, description="also write the unpooled final-norm token features (T x D floats per image)")
     embedding_dtype: Literal["float32", "float16"] = Field(

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode_stage  # noqa: E402
 import driver_stage  # noqa: E402
 import gpu_check  # noqa: E402
+import harness  # noqa: E402
 import images  # noqa: E402
 import options  # noqa: E402
 import procmem  # noqa: E402
@@ -122,11 +123,55 @@ def test_report_table_and_ratios():
                   "memory": mem, "busy_before": 0.0},
                  {"stage": "peer", "error": "boom"}]}}
     text = "\n".join(report.format_block(cfg, block))
-    # against the best rate at the end-to-end batch size (2 threads), not the actor's 1 thread or batch 64
-    assert "ceiling after the end-to-end stages / before = 0.75; ours / the mean of both = 1.03" in text
-    assert "ours / ceiling = 0.90" in text and "ours / baseline = 3.00" in text and "ours / peer = –" in text
+    # against the machine's best forward rate (2 threads, batch 64), with the rate at ours' batch beside it
+    assert ("ours / ceiling = 0.80 (target >= 0.85; the best ceiling, 45.0 img/s at batch 64, 2 threads; "
+            "at ours' batch 32: 0.90)") in text
+    # the drift check compares like with like: batch 32 after the stages against batch 32 before
+    assert "ceiling at batch 32 after the end-to-end stages / before = 0.75; ours / the mean of both = 1.03" in text
+    assert "ours / baseline = 3.00" in text and "ours / peer = –" in text
     assert "| ours | 1,000 | 32 | 36.0 | 12.0 | 50.0 | 1,024 | 512 | 1.00 |" in text
     assert "| peer | 1,000 | | failed: boom |" in text
+    assert "too short for the settling window" not in text
+    block["runs"][1000][1]["settled"] = False  # the baseline's window could not settle: marked, with a footnote
+    text = "\n".join(report.format_block(cfg, block))
+    assert "| baseline | 1,000 | 32 | 12.0* |" in text and "\\* too short for the settling window" in text
+
+
+def test_a_report_written_again_replaces_itself(tmp_path):
+    """Saved after every stage: a file without markers gets them, so the next save replaces the first."""
+    doc = tmp_path / "out.md"
+    doc.write_text("# notes\n")
+    report.write_out(doc, "first\n", {})
+    report.write_out(doc, "second\n", {})
+    assert doc.read_text() == f"# notes\n\n{report.BEGIN}\nsecond\n{report.END}\n"
+
+
+def test_every_stage_saves_and_an_interrupted_one_says_so(monkeypatch):
+    saved = []
+    cfg = SimpleNamespace(wait_idle=0, save=lambda: saved.append(list(rows)))
+    rows: list = []
+    monkeypatch.setattr(procmem, "busy_cores", lambda *a: 0.0)
+    throughput.run_stage(rows, "ours", lambda c: {"stage": "ours", "rate": 5.0}, cfg)
+    throughput.run_stage(rows, "peer", lambda c: 1 / 0, cfg)  # a failure is a row, the run goes on
+    assert saved[-1] == [{"stage": "ours", "rate": 5.0, "busy_before": 0.0},
+                         {"stage": "peer", "error": "division by zero", "busy_before": 0.0}]
+
+    def cut_off(c):
+        raise SystemExit(143)  # device_run.sh's timeout, through main's SIGTERM handler
+
+    with pytest.raises(SystemExit):
+        throughput.run_stage(rows, "cait", cut_off, cfg)
+    assert len(saved) == 3 and saved[-1][-1] == {"stage": "cait", "error": "interrupted (time limit)",
+                                                 "busy_before": 0.0}
+
+
+def test_commit_falls_back_to_the_recorded_one_without_git(tmp_path, monkeypatch):
+    assert harness.git_commit().split()[0] != "unknown"  # this checkout is a git repository
+    monkeypatch.setattr(harness, "ROOT", tmp_path)  # the device's copy of the tree: no .git
+    monkeypatch.setenv("BENCH_COMMIT", "abc123 (recorded by device_bundle.sh)")
+    assert harness.git_commit() == "abc123 (recorded by device_bundle.sh)"
+    monkeypatch.delenv("BENCH_COMMIT")
+    assert harness.git_commit() == "unknown"
 
 
 @pytest.mark.parametrize("device, decode, ours, peer", [
@@ -145,13 +190,15 @@ def test_default_layouts_on_two_cores(device, decode, ours, peer):
 
 
 def test_baseline_and_peer_run_only_at_the_compared_sizes(monkeypatch):
-    cfg = throughput.parse_args(["--images", "10000", "100000"])
+    cfg = throughput.parse_args(["--images", "10000", "100000", "--baseline-images", "4000"])
     assert cfg.compare_at == [10000]
     ran = []
-    monkeypatch.setattr(throughput, "run_stage", lambda rows, stage, *a: ran.append(stage))
+    monkeypatch.setattr(throughput, "run_stage", lambda rows, stage, fn, cfg, *a: ran.append((stage, a[-1])))
     for n in cfg.images:
         throughput._end_to_end(cfg, [], None, "fp32", None, n, "src", {}, "")
-    assert ran == ["ours", "baseline", "peer", "ours"]
+    # the slow baseline on the first 4,000 images of the set; the others on all of it
+    assert [(stage, n if stage == "baseline" else None) for stage, n in ran] == [
+        ("ours", None), ("baseline", 4000), ("peer", None), ("ours", None)]
 
 
 def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
@@ -171,9 +218,9 @@ def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
 def test_ours_runs_as_a_module_where_the_command_is_not_installed(tmp_path, monkeypatch):
     import subprocess
 
-    assert throughput.ours_command() == [str(Path(sys.executable).parent / "score-images")]
+    assert harness.ours_command() == [str(Path(sys.executable).parent / "score-images")]
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))  # no score-images beside it
-    assert throughput.ours_command() == [str(tmp_path / "python3"), "-m", "flows.cli"]
+    assert harness.ours_command() == [str(tmp_path / "python3"), "-m", "flows.cli"]
     monkeypatch.undo()
     run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
@@ -198,3 +245,14 @@ def test_driver_stage_carries_replayed_results_into_parquet(ray_cluster, tmp_pat
     assert out["driver_cpu_ms_per_image"] > 0 and out["actor_cpu_ms_per_image"] > 0
     writer = driver_stage.measure_writer(512, 64, rounds=1)
     assert writer["ours"]["bytes_per_image"] < writer["pyarrow_defaults"]["bytes_per_image"]
+
+
+def test_a_report_of_the_ceiling_alone_is_written():
+    """The first save comes after the ceiling stage, before any end-to-end row exists."""
+    cfg = SimpleNamespace(cpus_per_actor=1.0, batch_size=16, device="cpu", kind="small", source="local",
+                          num_actors=1, decode_cpus=0, fast_decode=False, peer_cpus_per_actor=1.0,
+                          peer_decode_cpus=1.0)
+    mem = procmem.MemoryPeak(rss_bytes=2**30, pss_bytes=2**29).as_dict()
+    block = {"model": "m", "dtype": "fp32", "runs": {},
+             "ceiling": [{"stage": "ceiling (2 threads)", "threads": 2, "batch": 16, "rate": 37.0, "memory": mem}]}
+    assert "| ceiling (2 threads) | – | 16 | 37.0 | – | – | 1,024 | 512 | – | 0.00 |" in report.format_block(cfg, block)

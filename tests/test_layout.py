@@ -173,3 +173,21 @@ def test_run_files_are_matched_exactly_by_run_id(tmp_path):
         (part / name).write_bytes(b"x")
     found = moved_files(RunInfo("nightly", "2026-01-01", "", str(tmp_path)))
     assert [f.rsplit("/", 1)[-1] for f in found] == ["part-nightly-abc123-00000.parquet"]
+
+
+def test_progress_lines_come_every_progress_seconds_and_at_the_end(monkeypatch, caplog):
+    from tasks import pipeline
+    from tasks.write import WriteResult
+
+    clock = iter([0.0, 1.0, 1.4, 2.1, 2.5, 3.0])  # start, then one batch per tick
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: next(clock))
+    events = []
+    progress = pipeline._Progress(total=50, every_s=1.0, on_progress=events.append)
+    with caplog.at_level("INFO", logger="tasks.pipeline"):
+        for done in (10, 20, 30, 40, 50):
+            progress.update(WriteResult(scored=done))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    # the first result at 1.0; 1.4 is too soon; 2.1 is a line; 2.5 too soon; the end always
+    assert lines[0] == "progress: first 10 images after 1.0 s"
+    assert [e.done for e in events] == [10, 30, 50]
+    assert events[-1].rate == (50 - 10) / (3.0 - 1.0)

@@ -1,0 +1,99 @@
+"""The throughput benchmark's process plumbing: how each stage's process is started, and what the run records.
+
+Split from throughput.py, which measures the stages; this starts them the
+same way each time (environment, logs, checkpoints, Prefect's database) and
+reads back what they left (rows written, the commit measured).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import procmem
+
+logger = logging.getLogger("throughput")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment every stage gets: the same for all, offline, unbuffered."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
+               **(extra or {}))
+    # Ray sets OMP_NUM_THREADS per actor from its CPUs only when it is unset
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def run_child(name: str, args: dict, log: Path, timeout: float | None = None,
+              env: dict | None = None) -> procmem.ChildRun:
+    """Run stage child ``name`` in a fresh interpreter; raise if it fails."""
+    cmd = [sys.executable, str(Path(__file__).resolve().with_name("stages.py")), name, json.dumps(args)]
+    run = procmem.run_measured(cmd, env or child_env(), log_path=log, timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f"stage {name} failed (exit {run.returncode}); see {log}:\n  "
+                           + "\n  ".join(run.tail[-8:]))
+    return run
+
+
+def resolve_model(name: str, workdir: Path) -> Path:
+    """A checkpoint directory for ``name``: itself if it is one, else a random-weight copy (reused)."""
+    if Path(name).is_dir():
+        return Path(name).resolve()
+    target = workdir / "checkpoints" / ("random-" + name.replace("/", "--").replace(":", "-"))
+    if not (target / "config.json").exists():
+        logger.info("making a random-weight checkpoint of %s in %s", name, target)
+        run_child("checkpoint", {"model": name, "dir": str(target)}, workdir / "logs" / "checkpoint.log")
+    return target
+
+
+def ours_command() -> list[str]:
+    """The ``score-images`` command beside this interpreter, or the same entry point run as a module.
+
+    The second is for an interpreter with the project on ``PYTHONPATH`` rather
+    than installed (the lent GPU machine, docs/benchmarks.md).
+    """
+    script = Path(sys.executable).parent / "score-images"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+
+
+def prefect_database(env: dict) -> None:
+    """Create Prefect's database under ``PREFECT_HOME`` once, so no measured start-up includes it.
+
+    A user's machine has one from its first flow run on; a fresh workdir (the
+    lent GPU machine) would add about 7 s to the first start-up only.
+    """
+    if (Path(env["PREFECT_HOME"]) / "prefect.db").exists():
+        return
+    t0 = time.monotonic()
+    code = "from prefect import flow\nflow(name='warm-up')(lambda: None)()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    logger.info("Prefect's database created in %.1f s (exit %d)", time.monotonic() - t0, done.returncode)
+
+
+def count_rows(path: Path) -> int:
+    """Rows of the Parquet dataset under ``path`` (hive-partitioned), 0 if there is none."""
+    import pyarrow.dataset as pds
+
+    if not path.exists():
+        return 0
+    return pds.dataset(str(path), format="parquet", partitioning="hive").count_rows()
+
+
+def git_commit() -> str:
+    """HEAD (and whether the tree differs from it); else ``BENCH_COMMIT``, which device_run.sh sets
+    from the commit device_bundle.sh recorded, since the device's copy of the tree has no .git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head = None
+    if head is None or head.returncode != 0:
+        return os.environ.get("BENCH_COMMIT") or "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
