@@ -79,7 +79,7 @@ def format_block(cfg, block: dict) -> list[str]:
         if not ours:
             continue
         where = (f"the best ceiling, {best['rate']:.1f} img/s at batch {best['batch']}"
-                 + (f", {best['threads']} thread{'s' * (best['threads'] != 1)}" if cfg.device == "cpu" else "")
+                 + (f", {label}" if (label := best["stage"].removeprefix("ceiling").strip(" ()")) else "")
                  + (f"; at ours' batch {cfg.batch_size}: {_ratio(ours, at_batch)}" if best["batch"] != cfg.batch_size
                     else "")) if best else "no ceiling measured"
         parts = [f"ours / ceiling = {_ratio(ours, ceiling)} (target >= 0.85; {where})",

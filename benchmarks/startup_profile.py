@@ -1,14 +1,16 @@
 """Where ours' start-up goes: CPU seconds per process, from launch to the first scored image.
 
-    .venv/bin/python benchmarks/startup_profile.py --input DIR --model CKPT [--runs 2] [-- ARGS...]
+    .venv/bin/python benchmarks/startup_profile.py --input DIR --model CKPT [--runs 2] [--steady] [-- ARGS...]
 
 Launches ``score-images run`` with the environment the throughput harness
 gives it (ARGS are passed on; the default layout is the harness's CPU one),
 reads its log for the milestones, samples ``/proc`` for its process tree
 every 0.1 s, and at the first ``progress: first`` line prints the milestones
 and each process's CPU time (user + system) so far, then stops the run. On a
-2-core machine, CPU seconds over 2 is the shortest start-up possible. Not part
-of the test suite.
+2-core machine, CPU seconds over 2 is the shortest start-up possible. With
+``--steady`` it lets the run finish instead and prints each process's CPU from
+the first result to the end, per image scored after it: where the steady
+state's CPU goes. Not part of the test suite.
 """
 from __future__ import annotations
 
@@ -42,8 +44,13 @@ def _label(pid: int, comm: str) -> str:
     return comm if comm.startswith("ray::") else (cmdline.split("/")[-1][:40] or comm)
 
 
-def profile_once(args: list[str], workdir: Path) -> tuple[dict[str, float], dict[int, tuple[str, float]], float]:
-    """(milestones in s, {pid: (label, CPU s)}, seconds to the first result) of one launch."""
+def profile_once(args: list[str], workdir: Path, steady: bool = False
+                 ) -> tuple[dict[str, float], dict[int, tuple[str, float]], float]:
+    """(milestones in s, {pid: (label, CPU s)}, seconds to the first result) of one launch.
+
+    ``steady``: CPU s from the first result to the command's exit instead, and
+    the seconds between them; milestones gain ``images_after_first``.
+    """
     cmd = [str(Path(sys.executable).parent / "score-images"), "run", "--output", str(workdir / f"out-{time.time_ns()}"),
            *args]
     env = child_env({"PREFECT_HOME": str(workdir / "prefect-home")})
@@ -59,19 +66,30 @@ def profile_once(args: list[str], workdir: Path) -> tuple[dict[str, float], dict
             for name, pat in patterns.items():
                 if name not in marks and pat.search(line):
                     marks[name] = round(time.monotonic() - t0, 1)
-            if "first" in marks:
+            if "first" in marks and not first.is_set():
+                marks["images_after_first"] = -int(re.search(patterns["first"], line).group(1))
                 first.set()
+            if steady and (m := re.search(r"progress: (\d+)/\d+ images \(100%\)", line)):
+                marks["images_after_first"] += int(m.group(1))
 
     threading.Thread(target=read, daemon=True).start()
     seen: dict[int, tuple[str, float]] = {}  # pid -> (comm, CPU s)
-    try:
-        while not first.is_set() and proc.poll() is None:
+
+    def sample(until) -> float:
+        while not until() and proc.poll() is None:
             for pid, (_, comm, ticks) in procmem.descendants(proc.pid).items():
                 seen[pid] = (comm, ticks / TICK)
             time.sleep(0.1)
-        elapsed = time.monotonic() - t0
+        return time.monotonic() - t0
+
+    try:
+        elapsed = sample(first.is_set)
         # labelled now: a Ray worker takes its title (ray::ScoringActor) only once it runs
         cpu = {pid: (_label(pid, comm), c) for pid, (comm, c) in seen.items()}
+        if steady and first.is_set():  # the rest of the run, less what each process had used by then
+            elapsed = sample(lambda: False) - elapsed
+            cpu = {pid: (cpu[pid][0] if pid in cpu else _label(pid, comm), c - cpu.get(pid, ("", 0.0))[1])
+                   for pid, (comm, c) in seen.items()}
     finally:
         procmem._kill_group(proc)
     if "first" not in marks:
@@ -84,6 +102,8 @@ def main() -> None:
     parser.add_argument("--input", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--steady", action="store_true",
+                        help="CPU per process from the first result to the end, per image, instead of start-up")
     # the harness's workdir: its Prefect database exists, which a first launch would create (10 s more)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "deit-throughput")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="-- then more score-images run options")
@@ -91,15 +111,18 @@ def main() -> None:
     extra = [x for x in a.rest if x != "--"] or DEFAULT_LAYOUT
     a.workdir.mkdir(parents=True, exist_ok=True)
     for run in range(1, a.runs + 1):
-        marks, cpu, elapsed = profile_once(["--input", a.input, "--model", a.model, *extra], a.workdir)
+        marks, cpu, elapsed = profile_once(["--input", a.input, "--model", a.model, *extra], a.workdir,
+                                           a.steady)
         total = sum(c for _, c in cpu.values())
-        print(f"\nrun {run}: first result at {elapsed:.1f} s; {total:.1f} CPU s in all "
-              f"({total / elapsed:.2f} cores on average)")
+        n = marks.pop("images_after_first", 0)
+        what = f"{n} images after the first result in {elapsed:.1f} s" if a.steady else \
+            f"first result at {elapsed:.1f} s"
+        print(f"\nrun {run}: {what}; {total:.1f} CPU s in all ({total / elapsed:.2f} cores on average)")
         print("milestones: " + ", ".join(f"{k} {v}" for k, v in sorted(marks.items(), key=lambda kv: kv[1])))
-        print("| process | CPU s |\n|---|---:|")
+        print("| process | CPU s | CPU ms per image |\n|---|---:|---:|" if a.steady else "| process | CPU s |\n|---|---:|")
         for label, c in sorted(cpu.values(), key=lambda lc: -lc[1]):
             if c >= 0.05:
-                print(f"| {label} | {c:.1f} |")
+                print(f"| {label} | {c:.1f} |" + (f" {1000 * c / max(n, 1):.2f} |" if a.steady else ""))
         time.sleep(5)  # let the stopped run's processes go before the next launch
 
 

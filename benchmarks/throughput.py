@@ -27,9 +27,11 @@ import itertools
 import json
 import logging
 import shlex
+import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -63,17 +65,40 @@ OURS_PATTERNS = {  # log lines of score-images run (tasks/pipeline.py, tasks/ray
 def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str, after: bool = False) -> list[dict]:
     """One row per (threads, batch size): forward-only images per second.
 
-    ``after``: the repeat after the end-to-end stages, at their batch size only.
+    On CPU also one row per batch size for one 1-thread process per core side
+    by side (the data-parallel ceiling, which ours' single-threaded actors are
+    closer to). ``after``: the repeat after the end-to-end stages, at their batch size only.
     """
     threads = [] if cfg.device == "cuda" else cfg.ceiling_threads
-    run = run_child("ceiling", {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "threads": threads,
-                                "batch_sizes": [cfg.batch_size] if after else cfg.batch_sizes,
-                                "seconds": cfg.ceiling_seconds},
-                    cfg.logs / f"ceiling-{ckpt.name}-{dtype}{'-after' * after}.log", cfg.timeout)
+    args = {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "threads": threads,
+            "batch_sizes": [cfg.batch_size] if after else cfg.batch_sizes, "seconds": cfg.ceiling_seconds}
+    log = cfg.logs / f"ceiling-{ckpt.name}-{dtype}{'-after' * after}.log"
+    run = run_child("ceiling", args, log, cfg.timeout)
     suffix = ", after" if after else ""
-    return [dict(e, stage=(f"ceiling ({e['threads']} thread{'s' * (e['threads'] != 1)})"
+    rows = [dict(e, stage=(f"ceiling ({e['threads']} thread{'s' * (e['threads'] != 1)})"
                            if cfg.device == "cpu" else "ceiling") + suffix, after=after, memory=run.memory.as_dict())
             for e in run.events if e["event"] == "ceiling"]
+    cores = os.cpu_count() or 1
+    if cfg.device == "cpu" and cores > 1:
+        rows += _parallel_ceiling(cfg, dict(args, threads=[1]), log, cores, suffix, after)
+    return rows
+
+
+def _parallel_ceiling(cfg, args: dict, log: Path, n: int, suffix: str, after: bool) -> list[dict]:
+    """``n`` 1-thread ceiling processes at once: their rates summed per batch size."""
+    with ThreadPoolExecutor(n) as pool:
+        runs = list(pool.map(lambda i: run_child("ceiling", args, log.with_suffix(f".parallel{i}.log"),
+                                                 cfg.timeout), range(n)))
+    mems = [r.memory.as_dict() for r in runs]
+    # each process's "other work" is mostly its siblings: take their CPU out of it
+    other = max(m["other_cores"] - sum(o["tree_cpu_s"] for o in mems if o is not m) / (r.ended - r.launched)
+                for m, r in zip(mems, runs))
+    memory = dict(mems[0], peak_rss_mib=sum(m["peak_rss_mib"] for m in mems),
+                  peak_pss_mib=sum(m["peak_pss_mib"] for m in mems), other_cores=round(max(other, 0.0), 2))
+    events = [[e for e in r.events if e["event"] == "ceiling"] for r in runs]
+    return [dict(es[0], stage=f"ceiling ({n} x 1-thread processes){suffix}", threads=f"{n} x 1", after=after,
+                 rate=sum(e["rate"] for e in es), mean_rate=sum(e["mean_rate"] for e in es), memory=memory)
+            for es in zip(*events)]
 
 
 def measure_ours(cfg, ckpt: Path, dtype: str, source: str, n: int, storage_options: dict) -> dict:
