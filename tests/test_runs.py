@@ -21,7 +21,10 @@ from tasks.history import latest
 
 pytestmark = pytest.mark.slow
 
-FAST = dict(top_k=3, batch_size=4, cpus_per_actor=0.5, decode_cpus=0.5)
+# The actors decode (the CPU layout): every run would otherwise start its decode workers,
+# each importing torch, about 10 s a run on 2 cores. Decode tasks are covered by
+# test_actor_pool.py, test_end_to_end.py and test_cli_runs.py.
+FAST = dict(top_k=3, batch_size=4, cpus_per_actor=0.5, decode_cpus=0.0)
 
 
 def _run(**params):
