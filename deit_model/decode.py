@@ -55,7 +55,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
             img.draft(img.mode, (draft_side, draft_side))
         img.load()  # decode now, so truncation is reported here
         source_format = img.format  # a rotated copy has none
-        img = ImageOps.exif_transpose(img)
+        # in place: otherwise an upright image (nearly all) is copied whole, 0.13 ms for 500x375
+        ImageOps.exif_transpose(img, in_place=True)
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:
