@@ -43,6 +43,9 @@ class PrefectServer:
             "PREFECT_SERVER_API_PORT": str(self.port),
             "PREFECT_API_URL": self.api_url,
             "PREFECT_WORKER_QUERY_SECONDS": "1",
+            # a run held back by a deployment's concurrency limit is retried after this long
+            # (30 s by default, nothing to a nightly job, most of a test's time)
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
         self.procs: list[subprocess.Popen] = []
@@ -68,14 +71,14 @@ class PrefectServer:
         return subprocess.run([PREFECT, *args], cwd=REPO, env={**self.env, **(env or {})}, text=True,
                               capture_output=True, timeout=timeout)
 
-    def start_worker(self, pool: str) -> subprocess.Popen:
-        """A process worker polling ``pool`` every second."""
-        return self._spawn([PREFECT, "worker", "start", "--pool", pool, "--type", "process"], "worker")
+    def start_worker(self, pool: str, env: dict | None = None) -> subprocess.Popen:
+        """A process worker polling ``pool`` every second; its flow runs inherit ``env`` too."""
+        return self._spawn([PREFECT, "worker", "start", "--pool", pool, "--type", "process"], "worker", env)
 
-    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")
         # a new session, so stop() can end the process with all its children
-        proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs.append(proc)
         return proc

@@ -30,8 +30,12 @@ def nightly_dirs(session_tmp, photos):
 
 
 @pytest.fixture(scope="module")
-def server(session_tmp, nightly_dirs):
-    """Server up, pool created, both deployments deployed, one worker polling."""
+def server(session_tmp, nightly_dirs, ray_cluster):
+    """Server up, pool created, both deployments deployed, one worker polling.
+
+    The worker's flow runs join the session's Ray cluster through RAY_ADDRESS, as production
+    runs join theirs (docs/production.md), rather than each starting a local one.
+    """
     srv = PrefectServer(session_tmp / "prefect-server").start()
     try:
         created = srv.cli("work-pool", "create", "score-images", "--type", "process")
@@ -40,7 +44,7 @@ def server(session_tmp, nightly_dirs):
             "SCORE_IMAGES_NIGHTLY_INPUT": str(nightly_dirs[0]),
             "SCORE_IMAGES_NIGHTLY_OUTPUT": str(nightly_dirs[1])})
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        srv.start_worker("score-images")
+        srv.start_worker("score-images", env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
         yield srv
     finally:
         srv.stop()
@@ -58,7 +62,7 @@ def _flow_run_id(stdout: str) -> UUID:
     return UUID(re.search(r"UUID: ([0-9a-f-]{36})", stdout).group(1))
 
 
-def test_adhoc_run_on_a_worker(server, client, image_dir, tiny_checkpoint, session_tmp):
+def test_adhoc_run_on_a_worker(server, client, ray_cluster, image_dir, tiny_checkpoint, session_tmp):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     out = session_tmp / "adhoc-out"
@@ -100,6 +104,8 @@ def test_adhoc_run_on_a_worker(server, client, image_dir, tiny_checkpoint, sessi
     names = {log.name for log in logs}
     assert any(n.startswith("tasks.") for n in names), names
     assert any("progress:" in log.message for log in logs)
+    address = ray_cluster.get_runtime_context().gcs_address  # the cluster the worker's environment names
+    assert any(f"ray: connected to {address}" in log.message for log in logs)
 
 
 def test_bad_parameters_are_refused_by_the_server(server, client):
