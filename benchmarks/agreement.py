@@ -39,6 +39,9 @@ from PIL import Image
 
 import deit_model as dm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, like throughput.py
+from report import write_out  # noqa: E402
+
 HF_NAME = "facebook/deit-base-distilled-patch16-224"
 TIMM_NAME = "deit_base_distilled_patch16_224.fb_in1k"
 SEED = 0
@@ -255,13 +258,7 @@ def main() -> None:
     text = "\n".join(out)
     print(text)
     path = Path(args.out)
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN) + len(BEGIN)] + "\n" + text + "\n" + old[old.index(END):]
-    else:
-        new = f"# Agreement: fast decode and CPU dtypes\n\n{BEGIN}\n{text}\n{END}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    write_out(path, text, markers=(BEGIN, END), title="Agreement: fast decode and CPU dtypes")
     print(f"wrote {path}", file=sys.stderr)
 
 

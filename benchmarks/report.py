@@ -118,16 +118,24 @@ def format_report(cfg, meta: dict, blocks: list[dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_out(path: Path, text: str, data: dict) -> None:
-    """JSON for ``.json``; markdown otherwise, between the markers, which a file without them gets
-    appended with the text, so each incremental save replaces the last one instead of repeating it."""
+def write_out(path: Path, text: str, data: dict | None = None, markers: tuple[str, str] = (BEGIN, END),
+              title: str | None = None) -> None:
+    """JSON of ``data`` for ``.json``; markdown otherwise, ``text`` between the ``markers``.
+
+    A file without them gets the text appended, below ``# title`` if the file is new, so each
+    incremental save replaces the last one instead of repeating it. Shared by throughput.py and
+    agreement.py (each its own markers).
+    """
+    begin, end = markers
+    text = text if text.endswith("\n") else text + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
         path.write_text(json.dumps(data, indent=2, default=str))
         return
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        path.write_text(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
     else:
-        path.write_text(old + ("\n" if old else "") + f"{BEGIN}\n{text}{END}\n")
+        heading = f"# {title}\n\n" if title and not old else ""
+        path.write_text(old + ("\n" if old else "") + f"{heading}{begin}\n{text}{end}\n")
