@@ -201,9 +201,10 @@ def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSEr
 
 
 def _preprocess(images: list, rows: list[int], preprocess, errors: list, shape: tuple, dtype) -> np.ndarray:
-    """``preprocess(images)`` as an array of ``shape``; an image that fails gets zeros and the error of row ``rows[j]``.
+    """``preprocess(images)`` as an array of ``shape``, the batch's own output as it is (no copy).
 
-    The batch's own output is returned as it is (no copy into a zeroed array: 9.6 MB a batch of 16).
+    If the batch fails, each image is preprocessed alone: one that fails gets zeros and the
+    error of row ``rows[j]``.
     """
     if not images:
         return np.zeros(shape, dtype)
