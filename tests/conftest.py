@@ -96,6 +96,12 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    """The session cluster's GCS address: ``RAY_ADDRESS`` for a process that is to join it."""
+    return ray_cluster.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 

@@ -242,7 +242,7 @@ def test_killed_actor_is_restarted_and_the_run_completes_exactly_once(ray_cluste
     exactly_once(out, "actor-kill", [f"file://{p}" for p in src.iterdir()])
 
 
-def test_killed_flow_process_then_rerun_is_exactly_once(ray_cluster, prefect_harness, tiny_checkpoint, tmp_path):
+def test_killed_flow_process_then_rerun_is_exactly_once(ray_address, prefect_harness, tiny_checkpoint, tmp_path):
     """The whole driver (flow, Prefect, Ray) is SIGKILLed mid-run; the same command then resumes.
 
     The rerun is the same command in a new process, joined to the session's Ray cluster and
@@ -269,11 +269,11 @@ def test_killed_flow_process_then_rerun_is_exactly_once(ray_cluster, prefect_har
         first.wait()
     staged_before = len(list((out / "_staging").glob("flow-kill/**/*.parquet")))
     assert staged_before >= 2 and not (out / "predictions").exists()  # nothing visible yet
-    env.update(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, PREFECT_API_URL=PREFECT_API_URL.value())
+    env.update(RAY_ADDRESS=ray_address, PREFECT_API_URL=PREFECT_API_URL.value())
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming run flow-kill" in second.stderr
-    assert f"ray: connected to {env['RAY_ADDRESS']}" in second.stderr  # the session's cluster, not its own
+    assert f"ray: connected to {ray_address}" in second.stderr  # the session's cluster, not its own
     exactly_once(out, "flow-kill", [f"file://{p}" for p in src.iterdir()])
     manifest = json.loads((out / "_runs" / "flow-kill" / "manifest.json").read_text())
     assert manifest["status"] == "committed" and manifest["attempts"] == 2
