@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import procmem
@@ -97,3 +99,24 @@ def git_commit() -> str:
     if head is None or head.returncode != 0:
         return os.environ.get("BENCH_COMMIT") or "unknown"
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def hardware() -> dict:
+    """CPU model, cores, memory, GPU and library versions of this machine."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")))
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().replace("\n", "; ")
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = ""
+    versions = {}
+    for pkg in ("torch", "transformers", "ray", "timm", "prefect", "pillow"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "gpu": gpu or "none",
+            "python": platform.python_version(), "versions": versions}

@@ -89,7 +89,8 @@ def format_block(cfg, block: dict) -> list[str]:
                  + ", ".join(f"{k} at {v} s" for k, v in ours["startup_marks"].items()) + ")"]
         lines.append(f"- {n:,} images: " + "; ".join(parts))
         lines.append("  - ours' processes at its memory peak (RSS MiB): "
-                     + ", ".join(f"{name} {mib:,.0f}" for name, mib in ours["memory"]["at_peak"][:6]))
+                     + ", ".join(f"{name} {mib:,.0f}" for name, mib in ours["memory"]["at_peak"][:6])
+                     + f"; the harness's sampler took {ours['memory'].get('sampler_cores', 0):.3f} cores meanwhile")
     ours_mem = {n: r["memory"]["peak_rss_mib"] for n, rs in block["runs"].items() for r in rs
                 if r["stage"] == "ours" and "error" not in r}
     if len(ours_mem) >= 2:

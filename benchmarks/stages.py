@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import images  # noqa: E402 - sibling modules, not a package (this directory is sys.path[0])
-import procmem  # noqa: E402
+import harness  # noqa: E402 - sibling modules, not a package (this directory is sys.path[0])
+import images  # noqa: E402
 
 
 def _event(**fields) -> None:
@@ -40,12 +40,13 @@ def child_ceiling(a: dict) -> None:
     """Forward passes of the Scorer's model on a random batch already on the device."""
     import torch
 
-    from deit_model import create_scorer, load_preprocessor
+    from deit_model import create_scorer, keep_freed_memory, load_preprocessor
 
     scorer = create_scorer(a["ckpt"], device=a["device"], dtype=a["dtype"])
+    keep_freed_memory()  # as ours' actors do after loading: the model's ceiling with the same malloc
     shape = load_preprocessor(a["ckpt"]).input_shape()
     sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
-    device_name = torch.cuda.get_device_name() if scorer.device.type == "cuda" else procmem.hardware()["cpu"]
+    device_name = torch.cuda.get_device_name() if scorer.device.type == "cuda" else harness.hardware()["cpu"]
     for threads in a["threads"] or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         for batch in a["batch_sizes"]:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import images  # noqa: E402 - sibling modules of this script, not a package
 import options  # noqa: E402
 import procmem  # noqa: E402
-from harness import (child_env, count_rows, git_commit, ours_command, prefect_database,  # noqa: E402
+from harness import (child_env, count_rows, git_commit, hardware, ours_command, prefect_database,  # noqa: E402
                      resolve_model, run_child)
 from report import format_report, write_out  # noqa: E402
 
@@ -94,7 +94,8 @@ def _parallel_ceiling(cfg, args: dict, log: Path, n: int, suffix: str, after: bo
     other = max(m["other_cores"] - sum(o["tree_cpu_s"] for o in mems if o is not m) / (r.ended - r.launched)
                 for m, r in zip(mems, runs))
     memory = dict(mems[0], peak_rss_mib=sum(m["peak_rss_mib"] for m in mems),
-                  peak_pss_mib=sum(m["peak_pss_mib"] for m in mems), other_cores=round(max(other, 0.0), 2))
+                  peak_pss_mib=sum(m["peak_pss_mib"] for m in mems), other_cores=round(max(other, 0.0), 2),
+                  sampler_cores=sum(m.get("sampler_cores", 0) for m in mems))
     events = [[e for e in r.events if e["event"] == "ceiling"] for r in runs]
     return [dict(es[0], stage=f"ceiling ({n} x 1-thread processes){suffix}", threads=f"{n} x 1", after=after,
                  rate=sum(e["rate"] for e in es), mean_rate=sum(e["mean_rate"] for e in es), memory=memory)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg.logs.mkdir(parents=True, exist_ok=True)
     meta = {"command": "benchmarks/throughput.py " + shlex.join(argv), "commit": git_commit(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "hardware": procmem.hardware()}
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "hardware": hardware()}
     blocks: list[dict] = []
     raw = cfg.workdir / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
     cfg.mean_image_bytes = {}

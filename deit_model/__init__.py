@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "DecodeError": "decode", "decode_image": "decode", "device_decodable": "decode",
     "decode_jpegs": "device_decode", "jpegs_to_model_input": "device_decode",
+    "keep_freed_memory": "host_memory",
     "CheckpointRef": "loading", "ModelLoadError": "loading", "resolve_checkpoint": "loading",
     "CheckpointInfo": "model", "embedding_dim": "model", "inspect_checkpoint": "model",
     "Preprocessor": "preprocess", "load_preprocessor": "preprocess", "check_preprocessing": "preprocess",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from deit_model import DecodeError, Preprocessor, decode_image, device_decodable
+from deit_model import DecodeError, Preprocessor, decode_image, device_decodable, keep_freed_memory
 from deit_model.decode import NOT_FOUND, PREPROCESS_ERROR, READ_ERROR, TOO_LARGE
 
 from . import storage
@@ -235,6 +235,7 @@ def decode_task_for(num_cpus: float):
 
 
 def _decode(batch: dict, options: dict) -> dict:
+    keep_freed_memory()  # a decode worker's batches reuse the last one's buffers too
     options = dict(options)
     preprocessor = _preprocessor(*options.pop("checkpoint"))
     return decode_batch(batch, preprocessor=preprocessor, **options)

@@ -47,10 +47,13 @@ class ScoringActor:
     def __init__(self, *, model: str, revision: str | None, device: str, dtype: str, top_k: int,
                  storage_options: dict):
         # imported here: the driver names this class without loading torch
-        from deit_model import create_scorer, load_preprocessor
+        from deit_model import create_scorer, keep_freed_memory, load_preprocessor
 
         scorer = create_scorer(model, revision=revision, device=device, dtype=dtype,
                                top_k=top_k, storage_options=storage_options)
+        # after loading, whose temporary copies of the weights are best handed back: from
+        # here on, each batch reuses the last one's freed buffers (deit_model.host_memory)
+        keep_freed_memory()
         # the checkpoint's own preprocessing: applied here when the actor decodes,
         # and reported for the output's lineage either way
         self._attach(scorer, load_preprocessor(scorer.ref.local_dir))

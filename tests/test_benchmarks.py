@@ -5,6 +5,7 @@ check the pieces its figures rest on, in a few seconds.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,32 @@ def test_peak_memory_sums_the_process_tree(tmp_path):
     assert run.memory.pss_bytes >= 200 * 2**20
     assert [e["event"] for e in run.events] == ["done"] and run.first("done")[1] == ("2",)
     assert run.launched < run.events[0]["received"] <= run.ended
+
+
+def test_sampler_reads_pss_and_scans_proc_on_their_own_clocks(monkeypatch):
+    # the costly reads (smaps_rollup, all of /proc) run on slower clocks than the RSS samples,
+    # since the sampler's CPU is taken from the stage it measures
+    calls = {"pss": 0, "scan": 0}
+    real_pss, real_scan = procmem.pss_bytes, procmem.descendants
+
+    def pss(pid):
+        calls["pss"] += 1
+        return real_pss(pid)
+
+    def scan(root):
+        calls["scan"] += 1
+        return real_scan(root)
+
+    monkeypatch.setattr(procmem, "pss_bytes", pss)
+    monkeypatch.setattr(procmem, "descendants", scan)
+    with procmem.PeakMemory(os.getpid(), interval=0.02, pss_seconds=5.0, scan_seconds=0.5) as mem:
+        time.sleep(1.2)
+    peak = mem.peak
+    assert peak.samples >= 20  # RSS every interval
+    assert calls["scan"] <= 5  # at 0, 0.5, 1.0 s and the last sample
+    assert calls["pss"] <= 3  # at the start and the last sample (this process's RSS holds steady)
+    assert peak.pss_bytes > 0 and peak.rss_bytes >= peak.pss_bytes
+    assert 0 < peak.sampler_cores < 1
 
 
 def test_cpu_time_of_the_tree_is_counted_as_its_own():

@@ -60,11 +60,11 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
     assert preds["source_size"].to_pylist() == [1, None] and preds["source_mtime"].null_count == 1
 
 
-def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpoint, photos, tmp_path):
+def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpoint, photos, tmp_path, monkeypatch):
     """decode_cpus=0: plan rows in, the same rows out as decode_batch followed by the actor."""
     import numpy as np
 
-    from deit_model import load_preprocessor
+    from deit_model import host_memory, load_preprocessor
     from tasks.decode import decode_batch
     from tasks.score import BatchContext, ScoringActor
 
@@ -73,8 +73,10 @@ def test_score_actor_that_decodes_its_own_rows_matches_decode_tasks(tiny_checkpo
     plan = {"uri": np.array(uris, object), "source_size": np.arange(4.0), "source_etag": np.array([None] * 4, object),
             "source_mtime": np.array(["2026-01-01"] * 4, dtype="datetime64[us]")}
     decode = {"max_pixels": 10**8, "fast_decode": False, "storage_options": {}}
+    monkeypatch.setattr(host_memory, "_done", False)  # as in a fresh actor process
     actor = ScoringActor(model=str(tiny_checkpoint), revision=None, device="cpu", dtype="fp32", top_k=3,
                          storage_options={})
+    assert host_memory._done  # the actor's process reuses freed buffers (tests/test_host_memory.py)
     fused = actor.score_batch(dict(plan), BatchContext("r", "m", OutputSpec(64), decode)).drop(["scored_at"])
     decoded = decode_batch(dict(plan), preprocessor=load_preprocessor(str(tiny_checkpoint)), **decode)
     apart = actor.score_batch(decoded, BatchContext("r", "m", OutputSpec(64)))
