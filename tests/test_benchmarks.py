@@ -6,6 +6,7 @@ check the pieces its figures rest on, in a few seconds.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,12 +82,19 @@ def test_sampler_reads_pss_and_scans_proc_on_their_own_clocks(monkeypatch):
 
     monkeypatch.setattr(procmem, "pss_bytes", pss)
     monkeypatch.setattr(procmem, "descendants", scan)
-    with procmem.PeakMemory(os.getpid(), interval=0.02, pss_seconds=5.0, scan_seconds=0.5) as mem:
-        time.sleep(1.2)
+    # a child of its own: this process's tree holds the session's Ray and Prefect processes
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)  # past its start-up, so its RSS holds steady
+        with procmem.PeakMemory(child.pid, interval=0.02, pss_seconds=5.0, scan_seconds=0.5) as mem:
+            time.sleep(1.2)
+    finally:
+        child.kill()
+        child.wait()
     peak = mem.peak
     assert peak.samples >= 20  # RSS every interval
     assert calls["scan"] <= 5  # at 0, 0.5, 1.0 s and the last sample
-    assert calls["pss"] <= 3  # at the start and the last sample (this process's RSS holds steady)
+    assert calls["pss"] <= 3  # at the start and the last sample (its RSS holds steady)
     assert peak.pss_bytes > 0 and peak.rss_bytes >= peak.pss_bytes
     assert 0 < peak.sampler_cores < 1
 
