@@ -177,7 +177,7 @@ def storage_checked(uri: str):
 def run_flow(params: dict) -> int:
     """Check ``params``, run the flow, print the summary; return the exit code."""
     settings, ref = check_settings(params)
-    from tasks.actor_pool import discard_early
+    from tasks.early_pool import discard_early
     from tasks.plan import RunRefused, new_run_id
     from tasks.pipeline import start_actors_early
     from tasks.ray_cluster import start_early, stop_early

@@ -2,10 +2,9 @@
 
 A pool is ``num_actors`` Ray actors, each holding a :class:`ScoringActor`. It
 needs only the model and the placement, not the run, so the command line
-starts it as soon as Ray is up (:func:`start_early`): the actors import torch
-and load the weights while Prefect starts and the plan is written, instead
-of after (on 2 cores that was 10 s of the start-up). The run then takes the
-pool if it matches (:func:`take_pool`) or starts its own.
+starts it as soon as Ray is up (``tasks.early_pool``): the actors import
+torch and load the weights while Prefect starts and the plan is written,
+instead of after (on 2 cores that was 10 s of the start-up).
 
 Batches go to the least busy actor, at most ``window`` calls per actor in
 flight, so memory in flight is bounded and no per-image state accumulates
@@ -18,8 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
@@ -221,83 +218,3 @@ def window_for(decode_cpus: float, spare_cpus: float, num_actors: int, concurren
         return least
     tasks = int(spare_cpus // decode_cpus)
     return max(least, min(MAX_WINDOW, -(-tasks // max(num_actors, 1)) + 1))
-
-
-class _Early:
-    """A pool being started by :func:`start_early`: its future, and whether nobody wants it any more."""
-
-    def __init__(self, spec: PoolSpec):
-        self.spec, self.future, self.discarded = spec, Future(), False
-
-
-_early: _Early | None = None
-_lock = threading.Lock()
-
-
-def start_early(spec: PoolSpec, stagger: bool = False) -> None:
-    """Start a pool for ``spec`` now, for :func:`take_pool` to hand to the run.
-
-    Blocks while a staggered pool's first actor starts (call it on a thread).
-    A pool discarded meanwhile is stopped once it is up.
-    """
-    global _early
-    early = _Early(spec)
-    with _lock:
-        previous, _early = _early, early
-    if previous is not None:
-        _discard(previous)
-    try:
-        pool = ScorerPool(spec, stagger=stagger)
-    except BaseException as exc:
-        with _lock:
-            early.future.set_exception(exc)
-            discarded = early.discarded
-        if discarded:  # e.g. Ray was shut down under it: nobody is waiting
-            return
-        raise
-    with _lock:  # with _discard's check, so exactly one of them stops a discarded pool
-        early.future.set_result(pool)
-        discarded = early.discarded
-    if discarded:
-        pool.close()
-
-
-def take_pool(spec: PoolSpec) -> ScorerPool:
-    """The pool started early if it matches ``spec`` (it is then the caller's), else a new one.
-
-    Waits for an early pool that is still starting its first actor; the run
-    needs an actor up before it can score anyway.
-    """
-    global _early
-    with _lock:
-        early, _early = _early, None
-    pool = None
-    if early is not None:
-        try:
-            pool = early.future.result()
-        except Exception as exc:  # noqa: BLE001 - a new pool reports the same error as the run's
-            logger.warning("pool: the actors started early failed (%s); starting others", exc)
-    if pool is not None and pool.spec == spec:
-        logger.info("pool: using the %d actors started with Ray", len(pool.actors))
-        return pool
-    if pool is not None:
-        logger.info("pool: the actors started early do not match this run (%s); starting others", pool.spec)
-        pool.close()
-    return ScorerPool(spec)
-
-
-def discard_early() -> None:
-    """Stop a pool that :func:`start_early` began and no run took (at once, or once it is up)."""
-    global _early
-    with _lock:
-        early, _early = _early, None
-    if early is not None:
-        _discard(early)
-
-
-def _discard(early: _Early) -> None:
-    with _lock:
-        early.discarded = True
-        done = early.future.done()
-    if done and early.future.exception() is None:
-        early.future.result().close()

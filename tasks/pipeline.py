@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 
 from deit_model import CheckpointRef, embedding_dim, load_preprocessor
 
-from .actor_pool import ScorerPool, plan_batches, pool_spec, start_early, take_pool, window_for
+from .actor_pool import ScorerPool, plan_batches, pool_spec, window_for
+from .early_pool import start_early, take_pool
 from .ray_cluster import cluster_resources
 from .schema import OutputSpec
 from .score import BatchContext

@@ -102,19 +102,19 @@ def test_both_layouts_score_the_same_rows(ray_cluster, tiny_checkpoint, photos, 
 def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_checkpoint, photos, tmp_path):
     import ray
 
-    from tasks import actor_pool
+    from tasks import early_pool
 
     _, _, _, spec = _setup(tiny_checkpoint, photos, tmp_path)
-    actor_pool.start_early(spec)
-    early = actor_pool._early.future.result()
-    assert actor_pool.take_pool(spec) is early  # handed over, actors and all
-    assert actor_pool._early is None  # and no longer the module's to stop
+    early_pool.start_early(spec)
+    early = early_pool._early.future.result()
+    assert early_pool.take_pool(spec) is early  # handed over, actors and all
+    assert early_pool._early is None  # and no longer the module's to stop
     early.close()
 
-    actor_pool.start_early(spec)
-    stale = actor_pool._early.future.result()
+    early_pool.start_early(spec)
+    stale = early_pool._early.future.result()
     stale_actor = stale.actors[0]
-    other = actor_pool.take_pool(spec.__class__(**{**spec.__dict__, "top_k": 5}))
+    other = early_pool.take_pool(spec.__class__(**{**spec.__dict__, "top_k": 5}))
     try:
         assert other is not stale and other.spec.top_k == 5
         assert stale.actors == []  # the mismatched pool was stopped, not leaked
@@ -122,7 +122,7 @@ def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_check
             ray.get(stale_actor.score_batch.remote({}, None), timeout=60)
     finally:
         other.close()
-    actor_pool.discard_early()  # nothing left: a no-op
+    early_pool.discard_early()  # nothing left: a no-op
 
 
 def test_a_staggered_pool_discarded_while_starting_is_stopped_once_up(ray_cluster, tiny_checkpoint, photos,
@@ -131,21 +131,21 @@ def test_a_staggered_pool_discarded_while_starting_is_stopped_once_up(ray_cluste
     import threading
     import time
 
-    from tasks import actor_pool
+    from tasks import early_pool
 
     _, _, _, spec = _setup(tiny_checkpoint, photos, tmp_path)
     spec = spec.__class__(**{**spec.__dict__, "num_actors": 2})
-    starter = threading.Thread(target=actor_pool.start_early, args=(spec,), kwargs={"stagger": True})
+    starter = threading.Thread(target=early_pool.start_early, args=(spec,), kwargs={"stagger": True})
     starter.start()
-    while actor_pool._early is None:
+    while early_pool._early is None:
         time.sleep(0.01)
-    early = actor_pool._early
-    actor_pool.discard_early()  # while the first actor is still importing torch
+    early = early_pool._early
+    early_pool.discard_early()  # while the first actor is still importing torch
     assert not early.future.done()
     starter.join(timeout=120)
     pool = early.future.result()
     assert pool.actors == []  # the starter stopped it once it was up
-    assert actor_pool._early is None
+    assert early_pool._early is None
 
 
 class _DiesOnPoison(ScoringActor):
