@@ -220,3 +220,35 @@ def test_a_thin_image_that_its_resize_would_make_huge_is_an_error_row(tiny_check
                 assert out["error_type"][0] == d.TOO_LARGE
                 assert "resizes to 248x992000" in out["error_message"][0]
                 assert device_jpeg is False or "jpeg_data" in out and out["jpeg_offsets"][1] == 0  # not sent on
+
+
+@pytest.mark.parametrize("uint8", [False, True])
+def test_a_batch_is_preprocessed_in_chunks_with_the_same_pixels_and_errors(tiny_checkpoint, photos, tmp_path,
+                                                                          monkeypatch, uint8):
+    """A batch of large photos is decoded and preprocessed a few at a time (scoring processes keep
+    their peak heap, so 16 decoded 12 MP photos held at once stayed resident); chunking must not
+    change a pixel, an error row or the rows' order."""
+    import tasks.decode as td
+    from deit_model import load_preprocessor
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    uris = [str(p) for p in sorted(photos.iterdir())]
+    uris.insert(3, str(tmp_path / "broken.jpg"))
+    batch = {"uri": np.array(uris, dtype=object)}
+    pre = load_preprocessor(str(tiny_checkpoint))
+
+    def run():
+        return td.decode_batch(batch, preprocessor=pre, max_pixels=10**9, fast_decode=False, storage_options={},
+                               uint8=uint8 and pre.splits_exactly())
+
+    whole = run()
+    sizes = []
+    real = td._preprocess
+    monkeypatch.setattr(td, "_preprocess", lambda images, *a: sizes.append(len(images)) or real(images, *a))
+    monkeypatch.setattr(td, "CHUNK_PIXELS", 600_000)  # two of these photos at most
+    chunked = run()
+    assert max(sizes) <= 2 and sum(sizes) == len(uris) - 1 and len(sizes) >= 4
+    assert list(chunked["decoded"]) == [i != 3 for i in range(len(uris))]
+    assert list(chunked["error_type"]) == list(whole["error_type"]) and chunked["error_type"][3] is not None
+    np.testing.assert_array_equal(chunked["pixel_values"], whole["pixel_values"])
+    assert chunked["pixel_values"].dtype == whole["pixel_values"].dtype
