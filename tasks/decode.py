@@ -22,7 +22,7 @@ from . import storage
 logger = logging.getLogger(__name__)
 
 DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
-# Decoded pixels preprocessed at once: 256 small images (48 M) are one chunk, 12 MP photos go 5 at a
+# Decoded pixels preprocessed at once: 256 small images (48 M pixels) are one chunk, 12 MP photos go 5 at a
 # time (180 MB of RGB). Since scoring processes keep freed memory (deit_model.keep_freed_memory),
 # a batch's peak stays resident: 16 phone photos decoded at once kept 2.8 GB per actor.
 CHUNK_PIXELS = 2**26
@@ -128,11 +128,12 @@ def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Prepro
         except DecodeError as exc:
             errors[i] = (exc.error_type, str(exc))
             continue
-        if chunk and in_chunk + image.width * image.height > CHUNK_PIXELS:
+        pixels = image.width * image.height
+        if chunk and in_chunk + pixels > CHUNK_PIXELS:
             parts.append(_preprocess_chunk(chunk, preprocess, errors, preprocessor, dtype))
             chunk, in_chunk = {}, 0  # the chunk's full-size images are freed here, before the next is decoded
         chunk[i] = image
-        in_chunk += image.width * image.height
+        in_chunk += pixels
         rows.append(i)
     if chunk or not parts:
         parts.append(_preprocess_chunk(chunk, preprocess, errors, preprocessor, dtype))
