@@ -72,7 +72,7 @@ def _bytes(batches: list[dict]) -> int:
     """What the decoded batches hand on: pixels, or the JPEG bytes and the other images' pixels."""
     if "pixel_values" in batches[0]:
         return sum(b["pixel_values"].nbytes for b in batches)
-    return sum(b["jpeg_data"].nbytes + b["jpeg_offsets"].nbytes for b in batches) + sum(
+    return sum(b["jpeg_data"].nbytes + b["jpeg_offsets"].nbytes + b["jpeg_pixels"].nbytes for b in batches) + sum(
         p.nbytes for b in batches for p in b["pixels"] if p is not None)
 
 
@@ -94,9 +94,10 @@ def measure_handoff(shape: tuple, batch_size: int, batches: int, jpeg_bytes: int
 
     @ray.remote(num_cpus=0.5)
     def produce(dtype: str):
-        if dtype == "jpeg":  # as decode_batch packs them: one buffer and the offsets
+        if dtype == "jpeg":  # as decode_batch packs them: one buffer, the offsets, the pixel counts
             return {"jpeg_data": np.ones(batch_size * jpeg_bytes, dtype=np.uint8),
-                    "jpeg_offsets": np.arange(batch_size + 1, dtype=np.int64) * jpeg_bytes}
+                    "jpeg_offsets": np.arange(batch_size + 1, dtype=np.int64) * jpeg_bytes,
+                    "jpeg_pixels": np.full(batch_size, 500 * 375, dtype=np.int64)}
         return {"pixel_values": np.ones((batch_size, *shape), dtype=dtype)}
 
     @ray.remote(num_cpus=0.5)

@@ -15,6 +15,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default: 2x its MAX_IMAGE_PIXELS, where it raises
+# Decoded pixels preprocessed at once, on the CPU (tasks/decode.py) and on the device
+# (device_decode.py): 256 small images (48 M pixels) are one chunk, 12 MP photos go 5 at a time
+# (180 MB of RGB). Since scoring processes keep freed memory (host_memory.py), a batch's peak
+# stays resident: 16 phone photos decoded at once kept 2.8 GB per actor.
+CHUNK_PIXELS = 2**26
 
 # Stable error_type values written to the errors table.
 EMPTY = "empty_object"
@@ -123,15 +128,25 @@ def device_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, fits=Non
     with its error type, exactly as without a GPU decoder. So does one for which
     ``fits(width, height)`` is false (the caller's check of what its resize would make).
     """
+    return device_jpeg_size(data, max_pixels, fits) is not None
+
+
+def device_jpeg_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, fits=None) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG that :func:`device_decodable` accepts, or None.
+
+    The device decoder batches by this size (:data:`CHUNK_PIXELS`), read here from the
+    headers that are open anyway, instead of opening them a second time.
+    """
     if data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        return False  # not a JPEG, or cut short: PIL reports truncation; a GPU decoder might not
+        return None  # not a JPEG, or cut short: PIL reports truncation; a GPU decoder might not
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))  # headers only: nothing is decoded here
             width, height = img.size
-            return (img.format == "JPEG" and img.mode == "RGB" and width * height <= max_pixels
-                    and not img.info.get("progressive") and img.info.get("adobe_transform", 1) != 0
-                    and img.getexif().get(0x0112, 1) == 1 and (fits is None or fits(width, height)))
+            plain = (img.format == "JPEG" and img.mode == "RGB" and width * height <= max_pixels
+                     and not img.info.get("progressive") and img.info.get("adobe_transform", 1) != 0
+                     and img.getexif().get(0x0112, 1) == 1 and (fits is None or fits(width, height)))
     except Exception:  # noqa: BLE001 - unreadable headers: decode_image says why
-        return False
+        return None
+    return (width, height) if plain else None

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import decode
 from .preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -52,15 +53,37 @@ def decode_jpegs(datas: Sequence[bytes | np.ndarray], device: torch.device) -> l
     return out
 
 
-def jpegs_to_model_input(datas: Sequence[bytes | np.ndarray], preprocessor: Preprocessor,
-                         device: torch.device) -> tuple[torch.Tensor | None, list[int]]:
+def jpegs_to_model_input(datas: Sequence[bytes | np.ndarray], preprocessor: Preprocessor, device: torch.device,
+                         pixels: Sequence[int] | None = None) -> tuple[torch.Tensor | None, list[int]]:
     """Decode and preprocess JPEGs on ``device``: (float32 model input, indices of refused images).
 
-    The input has a row per decoded image, in order, or is None when none decoded.
+    The input has a row per decoded image, in order, or is None when none decoded. With
+    ``pixels`` (each JPEG's width x height, from :func:`~deit_model.decode.device_jpeg_size`)
+    the JPEGs are decoded in chunks of at most :data:`~deit_model.decode.CHUNK_PIXELS`, as on
+    the CPU: 128 phone photos at once would hold 4.6 GB of pixels, and many times that while
+    they are resized; a batch of small images is one chunk.
     """
-    decoded = decode_jpegs(datas, device)
-    refused = [i for i, t in enumerate(decoded) if t is None]
-    good = [t for t in decoded if t is not None]
-    if not good:
+    refused: list[int] = []
+    parts: list[torch.Tensor] = []
+    for lo, hi in _chunks(pixels, len(datas)):
+        decoded = decode_jpegs(datas[lo:hi], device)
+        refused += [lo + i for i, t in enumerate(decoded) if t is None]
+        good = [t for t in decoded if t is not None]
+        if good:  # the chunk's full-size pixels are freed when the next chunk is decoded
+            parts.append(preprocessor.normalize(preprocessor.geometry(good)))
+    if not parts:
         return None, refused
-    return preprocessor.normalize(preprocessor.geometry(good)), refused
+    return parts[0] if len(parts) == 1 else torch.cat(parts), refused
+
+
+def _chunks(pixels: Sequence[int] | None, n: int) -> list[tuple[int, int]]:
+    """``(lo, hi)`` index ranges whose pixels sum to at most CHUNK_PIXELS (one image at least)."""
+    if pixels is None:
+        return [(0, n)]
+    bounds, lo, total = [], 0, 0
+    for i, p in enumerate(pixels):
+        if i > lo and total + p > decode.CHUNK_PIXELS:
+            bounds.append((lo, i))
+            lo, total = i, 0
+        total += p
+    return bounds + [(lo, n)] if n else []

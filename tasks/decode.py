@@ -14,18 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from deit_model import DecodeError, Preprocessor, decode_image, device_decodable, keep_freed_memory
-from deit_model.decode import NOT_FOUND, PREPROCESS_ERROR, READ_ERROR, TOO_LARGE
+from deit_model import DecodeError, Preprocessor, decode_image, keep_freed_memory
+from deit_model import decode as image_decode
+from deit_model.decode import NOT_FOUND, PREPROCESS_ERROR, READ_ERROR, TOO_LARGE, device_jpeg_size
 
 from . import storage
 
 logger = logging.getLogger(__name__)
 
 DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker with torch loaded
-# Decoded pixels preprocessed at once: 256 small images (48 M pixels) are one chunk, 12 MP photos go 5 at a
-# time (180 MB of RGB). Since scoring processes keep freed memory (deit_model.keep_freed_memory),
-# a batch's peak stays resident: 16 phone photos decoded at once kept 2.8 GB per actor.
-CHUNK_PIXELS = 2**26
 
 
 def decode_batch(
@@ -58,13 +55,13 @@ def decode_batch(
 
     errors: list[tuple[str, str] | None] = [None] * n
     to_pil: dict[int, bytes] = {}
-    jpeg: dict[int, bytes] = {}
+    jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}  # row: (bytes, size)
     for i, data in enumerate(_read(uris, storage_options)):
         if isinstance(data, OSError):
             kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
             errors[i] = (kind, str(data))
-        elif device_jpeg and device_decodable(data, max_pixels, fits=fits):
-            jpeg[i] = data
+        elif device_jpeg and (size := device_jpeg_size(data, max_pixels, fits=fits)):
+            jpeg[i] = (data, size)
         else:
             to_pil[i] = data
     rows, dense = _decode_with_pil(to_pil, errors, preprocessor, half, max_pixels, draft_side)
@@ -90,13 +87,16 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def _pack(jpeg: dict[int, bytes], n: int) -> dict[str, np.ndarray]:
-    """Rows' JPEG bytes as one uint8 buffer and n + 1 offsets: Ray hands numpy buffers to the
-    actor without a copy, where an object per image is unpickled (0.108 ms per image)."""
-    sizes = [len(jpeg.get(i, b"")) for i in range(n)]
-    data = b"".join(jpeg[i] for i in sorted(jpeg))
+def _pack(jpeg: dict[int, tuple[bytes, tuple[int, int]]], n: int) -> dict[str, np.ndarray]:
+    """Rows' JPEG bytes as one uint8 buffer, n + 1 offsets and each row's decoded pixel count
+    (0 where PIL decodes it): Ray hands numpy buffers to the actor without a copy, where an
+    object per image is unpickled (0.108 ms per image)."""
+    lengths = [len(jpeg[i][0]) if i in jpeg else 0 for i in range(n)]
+    data = b"".join(jpeg[i][0] for i in sorted(jpeg))
     return {"jpeg_data": np.frombuffer(data, dtype=np.uint8),
-            "jpeg_offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)}
+            "jpeg_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "jpeg_pixels": np.array([w * h for w, h in (jpeg[i][1] if i in jpeg else (0, 0) for i in range(n))],
+                                    dtype=np.int64)}
 
 
 def jpeg_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
@@ -110,7 +110,7 @@ def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Prepro
     """Decode and preprocess rows' bytes: (the decoded rows, their pixels in that order).
 
     A row that fails gets its error in ``errors`` (and zero pixels if its preprocessing failed).
-    Images are preprocessed in chunks of at most :data:`CHUNK_PIXELS` decoded pixels, so a batch
+    Images are preprocessed in chunks of at most ``CHUNK_PIXELS`` decoded pixels (deit_model.decode), so a batch
     of phone photos never holds all its full-size images at once; a batch of small images is
     one chunk, whose pixels come back as the preprocessing made them (no copy).
     """
@@ -129,7 +129,7 @@ def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Prepro
             errors[i] = (exc.error_type, str(exc))
             continue
         pixels = image.width * image.height
-        if chunk and in_chunk + pixels > CHUNK_PIXELS:
+        if chunk and in_chunk + pixels > image_decode.CHUNK_PIXELS:
             parts.append(_preprocess_chunk(chunk, preprocess, errors, preprocessor, dtype))
             chunk, in_chunk = {}, 0  # the chunk's full-size images are freed here, before the next is decoded
         chunk[i] = image
@@ -177,7 +177,8 @@ def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor,
     pixels = batch["pixels"].copy()
     jpegs = {i: j for i in np.flatnonzero(ok) if (j := jpeg_of(batch, i)) is not None}
     on_device = list(jpegs)
-    x_dev, refused = jpegs_to_model_input(list(jpegs.values()), preprocessor, device)
+    x_dev, refused = jpegs_to_model_input(list(jpegs.values()), preprocessor, device,
+                                          pixels=[int(batch["jpeg_pixels"][i]) for i in jpegs])
     if refused:
         gone = {on_device[j] for j in refused}
         batch = _decode_refused(batch, pixels, {i: jpegs[i].tobytes() for i in sorted(gone)}, preprocessor)

@@ -245,7 +245,7 @@ def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
     assert out["float32"]["ms_per_image"] > 0 and out["uint8"]["ms_per_image"] > 0 and out["finish_ms_per_image"] > 0
     # --device-decode: the JPEGs' own bytes go on, the PNGs as uint8 pixels
     jpegs = [p for p in photos.iterdir() if p.suffix == ".jpg"]
-    offsets = len(uris) // 2 * 3 * 8  # batches of 2: 3 int64 offsets each
+    offsets = len(uris) // 2 * (3 + 2) * 8  # batches of 2: 3 int64 offsets and 2 pixel counts each
     sent = sum(p.stat().st_size for p in jpegs) + (len(uris) - len(jpegs)) * out["uint8"]["bytes_per_image"] + offsets
     assert out["device_jpeg"]["bytes_per_image"] == sent // len(uris) and out["device_finish_ms_per_image"] > 0
 

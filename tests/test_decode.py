@@ -245,7 +245,7 @@ def test_a_batch_is_preprocessed_in_chunks_with_the_same_pixels_and_errors(tiny_
     sizes = []
     real = td._preprocess
     monkeypatch.setattr(td, "_preprocess", lambda images, *a: sizes.append(len(images)) or real(images, *a))
-    monkeypatch.setattr(td, "CHUNK_PIXELS", 600_000)  # two of these photos at most
+    monkeypatch.setattr(td.image_decode, "CHUNK_PIXELS", 600_000)  # two of these photos at most
     chunked = run()
     assert max(sizes) <= 2 and sum(sizes) == len(uris) - 1 and len(sizes) >= 4
     assert list(chunked["decoded"]) == [i != 3 for i in range(len(uris))]

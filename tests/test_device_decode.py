@@ -115,3 +115,29 @@ def test_batches_all_for_the_device_none_for_it_or_nothing_at_all(photos, tmp_pa
     missing = {"uri": np.array([str(tmp_path / "none.jpg")], dtype=object)}
     out, x = device_model_input(decode_batch(missing, **options), pre, torch.device("cpu"))
     assert x is None and list(out["error_type"]) == ["not_found"]
+
+
+def test_jpegs_are_decoded_on_the_device_in_chunks_with_the_same_pixels_and_errors(photos, tmp_path, monkeypatch):
+    """A batch of phone photos must not hold all its full-size pixels on the GPU at once."""
+    import deit_model.device_decode as dd
+
+    pre = load_preprocessor(str(create_random_checkpoint(
+        "facebook/deit-tiny-distilled-patch16-224", tmp_path / "c", **TINY_OVERRIDES)))
+    options = dict(preprocessor=pre, max_pixels=10**9, fast_decode=False, storage_options={}, device_jpeg=True)
+    dev = decode_batch(_files(photos, tmp_path), **options)
+    sizes = {i: Image.open(io.BytesIO(jpeg_of(dev, i).tobytes())).size for i in range(len(dev["uri"]))
+             if jpeg_of(dev, i) is not None}
+    assert {i: int(dev["jpeg_pixels"][i]) for i in sizes} == {i: w * h for i, (w, h) in sizes.items()}
+    whole, x_whole = device_model_input(dev, pre, torch.device("cpu"))
+    calls: list[int] = []
+    decode = dd.decode_jpegs
+    monkeypatch.setattr(dd, "decode_jpegs", lambda datas, device: calls.append(len(datas)) or decode(datas, device))
+    monkeypatch.setattr(dd.decode, "CHUNK_PIXELS", max(w * h for w, h in sizes.values()))  # one JPEG per chunk
+    out, x = device_model_input(dev, pre, torch.device("cpu"))
+    assert calls == [1] * len(sizes)  # the broken JPEG is its own chunk, refused there, decoded by PIL
+    assert torch.equal(x, x_whole) and list(out["error_type"]) == list(whole["error_type"])
+    assert list(out["decoded"]) == list(whole["decoded"])
+    monkeypatch.setattr(dd.decode, "CHUNK_PIXELS", 3)
+    assert dd._chunks([3, 3, 3, 1], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)] and dd._chunks(None, 5) == [(0, 5)]
+    monkeypatch.setattr(dd.decode, "CHUNK_PIXELS", 6)
+    assert dd._chunks([3, 3, 3, 1, 9], 5) == [(0, 2), (2, 4), (4, 5)] and dd._chunks([], 0) == []
