@@ -37,7 +37,8 @@ def decode_batch(
     exact, and the scorer finishes them on its device. With ``device_jpeg``
     (which implies ``uint8``) the JPEGs :func:`device_decodable` accepts are
     not decoded here: their bytes, packed into ``jpeg_data`` and
-    ``jpeg_offsets`` (:func:`jpeg_of`), and a per-row object column
+    ``jpeg_offsets`` (:func:`jpeg_of`), their pixel counts (``jpeg_pixels``,
+    by which the device decodes them in chunks), and a per-row object column
     ``pixels`` (the others' uint8 pixels) replace ``pixel_values``, and
     :func:`device_model_input` finishes them on the scorer's device.
     """
@@ -48,24 +49,10 @@ def decode_batch(
     half = (uint8 or device_jpeg) and preprocessor.splits_exactly()
     draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
-    n = len(uris)
-
-    def fits(width: int, height: int) -> bool:  # one that does not is PIL's, to become its error row
-        return resize_overflow((width, height), preprocessor, max_pixels) is None
-
-    errors: list[tuple[str, str] | None] = [None] * n
-    to_pil: dict[int, bytes] = {}
-    jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}  # row: (bytes, size)
-    for i, data in enumerate(_read(uris, storage_options)):
-        if isinstance(data, OSError):
-            kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
-            errors[i] = (kind, str(data))
-        elif device_jpeg and (size := device_jpeg_size(data, max_pixels, fits=fits)):
-            jpeg[i] = (data, size)
-        else:
-            to_pil[i] = data
+    errors, to_pil, jpeg = _sort(_read(uris, storage_options), preprocessor, max_pixels, device_jpeg)
     rows, dense = _decode_with_pil(to_pil, errors, preprocessor, half, max_pixels, draft_side)
     out = dict(batch)
+    n = len(uris)
     if device_jpeg:
         out.update(_pack(jpeg, n))
         out["pixels"] = np.full(n, None, dtype=object)
@@ -80,6 +67,28 @@ def decode_batch(
     out["error_type"] = np.array([e[0] if e else None for e in errors], dtype=object)
     out["error_message"] = np.array([e[1] if e else None for e in errors], dtype=object)
     return out
+
+
+def _sort(datas: list[bytes | OSError], preprocessor: Preprocessor, max_pixels: int, device_jpeg: bool):
+    """Rows' read results sorted: (errors with the read failures, rows for PIL, rows for the device).
+
+    The device's rows are ``{row: (bytes, (width, height))}``, the sizes read from the headers.
+    """
+    def fits(width: int, height: int) -> bool:  # one that does not is PIL's, to become its error row
+        return resize_overflow((width, height), preprocessor, max_pixels) is None
+
+    errors: list[tuple[str, str] | None] = [None] * len(datas)
+    to_pil: dict[int, bytes] = {}
+    jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}
+    for i, data in enumerate(datas):
+        if isinstance(data, OSError):
+            kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
+            errors[i] = (kind, str(data))
+        elif device_jpeg and (size := device_jpeg_size(data, max_pixels, fits=fits)):
+            jpeg[i] = (data, size)
+        else:
+            to_pil[i] = data
+    return errors, to_pil, jpeg
 
 
 @functools.lru_cache(maxsize=None)
