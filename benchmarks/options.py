@@ -18,6 +18,25 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     """throughput.py's options, with the layouts, compared sizes and ceiling threads filled in."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in (_add_workload, _add_layout, _add_harness):
+        add(p)
+    cfg = p.parse_args(argv)
+    if cfg.batch_size not in cfg.batch_sizes:
+        cfg.batch_sizes.append(cfg.batch_size)
+    default_layout(cfg, os.cpu_count() or 1)
+    if cfg.progress_seconds is None:
+        cfg.progress_seconds = 0.5 if cfg.device == "cuda" else 10.0
+    if cfg.compare_at is None:
+        cfg.compare_at = [min(cfg.images)]
+    if cfg.ceiling_threads is None:
+        cfg.ceiling_threads = sorted({max(math.floor(cfg.cpus_per_actor), 1), os.cpu_count() or 1})
+    cfg.workdir = cfg.workdir.resolve()
+    cfg.logs = cfg.workdir / "logs"
+    return cfg
+
+
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    """What is measured: the image sets, the models and the dtypes."""
     p.add_argument("--images", type=int, nargs="+", default=[1000], help="image counts (one e2e run each)")
     p.add_argument("--compare-at", type=int, nargs="+", default=None,
                    help="image counts at which baseline and peer run too (default: the smallest of --images)")
@@ -32,6 +51,10 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
                    help="hub names (built with random weights) or checkpoint directories")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"])
+
+
+def _add_layout(p: argparse.ArgumentParser) -> None:
+    """How the stages run: batch sizes, actors, CPUs and decode."""
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64], help="ceiling batch sizes")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the end-to-end stages")
     p.add_argument("--num-actors", type=int, default=None,
@@ -47,6 +70,10 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     p.add_argument("--ceiling-threads", type=int, nargs="+", default=None,
                    help="CPU thread counts for the ceiling (default: the actor's, and all cores)")
     p.add_argument("--ceiling-seconds", type=float, default=8.0, help="timed seconds per ceiling point")
+
+
+def _add_harness(p: argparse.ArgumentParser) -> None:
+    """What the harness does around the stages: which run, where files go, timing."""
     p.add_argument("--skip", nargs="+", choices=STAGES, default=[], help="stages to leave out")
     p.add_argument("--pool", type=int, default=None, help="distinct images per set (default: 256 small, 16 phone)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/deit-throughput"),
@@ -59,19 +86,6 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="seconds to wait, before each stage, for other work on the machine to stop")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before a stage is killed")
-    cfg = p.parse_args(argv)
-    if cfg.batch_size not in cfg.batch_sizes:
-        cfg.batch_sizes.append(cfg.batch_size)
-    default_layout(cfg, os.cpu_count() or 1)
-    if cfg.progress_seconds is None:
-        cfg.progress_seconds = 0.5 if cfg.device == "cuda" else 10.0
-    if cfg.compare_at is None:
-        cfg.compare_at = [min(cfg.images)]
-    if cfg.ceiling_threads is None:
-        cfg.ceiling_threads = sorted({max(math.floor(cfg.cpus_per_actor), 1), os.cpu_count() or 1})
-    cfg.workdir = cfg.workdir.resolve()
-    cfg.logs = cfg.workdir / "logs"
-    return cfg
 
 
 def default_layout(cfg: argparse.Namespace, cores: int) -> None:

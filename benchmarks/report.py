@@ -36,22 +36,32 @@ def _ours(block: dict) -> dict | None:
 
 def format_block(cfg, block: dict) -> list[str]:
     """The table and ratios of one (model, dtype)."""
-    # the ceiling is the machine's: the best forward rate measured, whatever the batch size and thread
-    # count, not the rate at the actor's own threads or the end-to-end batch (either could hide headroom)
-    best = _best(block["ceiling"], None, after=False)
-    ceiling, at_batch = _rate(best), _rate(_best(block["ceiling"], cfg.batch_size, after=False))
-    lines = [f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}; "
-             f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
-             + (f"decode tasks {cfg.decode_cpus:g} CPU" if cfg.decode_cpus else "decoding in the actors")
-             + f"; peer {cfg.num_actors} x {cfg.peer_cpus_per_actor:g} CPU, read/preprocess tasks "
-             f"{cfg.peer_decode_cpus:g} CPU" + (", --fast-decode" if cfg.fast_decode else "")
-             + (f"; ours with `{cfg.ours_args}`" if getattr(cfg, "ours_args", "") else ""), "",
+    lines = [_heading(cfg, block), "",
              "| stage | images | batch | img/s (steady) | start-up s | wall s | peak RSS MiB (sum) "
              "| peak PSS MiB | ours ÷ this | other work, cores |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += _table_rows(cfg, block) + [""]
+    if any(r.get("settled") is False for rs in block["runs"].values() for r in rs):
+        lines.append("- \\* too short for the settling window: measured from the first result, which overstates "
+                     "the steady state")
+    return lines + _ratio_lines(cfg, block) + _memory_lines(block)
+
+
+def _heading(cfg, block: dict) -> str:
+    return (f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}; "
+            f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
+            + (f"decode tasks {cfg.decode_cpus:g} CPU" if cfg.decode_cpus else "decoding in the actors")
+            + f"; peer {cfg.num_actors} x {cfg.peer_cpus_per_actor:g} CPU, read/preprocess tasks "
+            f"{cfg.peer_decode_cpus:g} CPU" + (", --fast-decode" if cfg.fast_decode else "")
+            + (f"; ours with `{cfg.ours_args}`" if getattr(cfg, "ours_args", "") else ""))
+
+
+def _table_rows(cfg, block: dict) -> list[str]:
+    """One row per ceiling and end-to-end stage, each with ours' rate over its own."""
     rows = [(r, None) for r in block["ceiling"]] + [(r, n) for n, rs in block["runs"].items() for r in rs]
     ours_rates = {n: r["rate"] for n, rs in block["runs"].items() for r in rs
                   if r["stage"] == "ours" and "error" not in r}
+    lines = []
     for r, n in rows:
         if "error" in r:
             lines.append(f"| {r['stage']} | {_num(n, '{:,}')} | | failed: {r['error'][:120]} | | | | | | |")
@@ -64,10 +74,16 @@ def format_block(cfg, block: dict) -> list[str]:
                      f"| {_num(r.get('rate'))}{unsettled} | {_num(r.get('startup_s'))} | {_num(r.get('wall_s'))} "
                      f"| {m['peak_rss_mib']:,.0f} | {m['peak_pss_mib']:,.0f} | {_num(ratio, '{:.2f}')} "
                      f"| {m['other_cores']:.2f} |")
-    lines.append("")
-    if any(r.get("settled") is False for rs in block["runs"].values() for r in rs):
-        lines.append("- \\* too short for the settling window: measured from the first result, which overstates "
-                     "the steady state")
+    return lines
+
+
+def _ratio_lines(cfg, block: dict) -> list[str]:
+    """The drift of the ceiling, and per image count ours over the ceiling, the baseline and the peer."""
+    # the ceiling is the machine's: the best forward rate measured, whatever the batch size and thread
+    # count, not the rate at the actor's own threads or the end-to-end batch (either could hide headroom)
+    best = _best(block["ceiling"], None, after=False)
+    ceiling, at_batch = _rate(best), _rate(_best(block["ceiling"], cfg.batch_size, after=False))
+    lines = []
     after = _rate(_best(block["ceiling"], cfg.batch_size, after=True))
     if at_batch and after:  # the machine drifts: the same forward pass, measured again after the end-to-end stages
         lines.append(f"- ceiling at batch {cfg.batch_size} after the end-to-end stages / before = "
@@ -78,11 +94,7 @@ def format_block(cfg, block: dict) -> list[str]:
         ours = by.get("ours")
         if not ours:
             continue
-        where = (f"the best ceiling, {best['rate']:.1f} img/s at batch {best['batch']}"
-                 + (f", {label}" if (label := best["stage"].removeprefix("ceiling").strip(" ()")) else "")
-                 + (f"; at ours' batch {cfg.batch_size}: {_ratio(ours, at_batch)}" if best["batch"] != cfg.batch_size
-                    else "")) if best else "no ceiling measured"
-        parts = [f"ours / ceiling = {_ratio(ours, ceiling)} (target >= 0.85; {where})",
+        parts = [f"ours / ceiling = {_ratio(ours, ceiling)} (target >= 0.85; {_against(best, cfg, ours, at_batch)})",
                  f"ours / baseline = {_ratio(ours, by.get('baseline', {}).get('rate'))}",
                  f"ours / peer = {_ratio(ours, by.get('peer', {}).get('rate'))}",
                  f"start-up {ours['startup_s']:.1f} s (target < 20 s; "
@@ -91,12 +103,28 @@ def format_block(cfg, block: dict) -> list[str]:
         lines.append("  - ours' processes at its memory peak (RSS MiB): "
                      + ", ".join(f"{name} {mib:,.0f}" for name, mib in ours["memory"]["at_peak"][:6])
                      + f"; the harness's sampler took {ours['memory'].get('sampler_cores', 0):.3f} cores meanwhile")
+    return lines
+
+
+def _against(best: dict | None, cfg, ours: dict, at_batch: float | None) -> str:
+    """Which ceiling ours was divided by, and ours over the ceiling at its own batch size if that differs."""
+    if not best:
+        return "no ceiling measured"
+    text = f"the best ceiling, {best['rate']:.1f} img/s at batch {best['batch']}"
+    if label := best["stage"].removeprefix("ceiling").strip(" ()"):
+        text += f", {label}"
+    if best["batch"] != cfg.batch_size:
+        text += f"; at ours' batch {cfg.batch_size}: {_ratio(ours, at_batch)}"
+    return text
+
+
+def _memory_lines(block: dict) -> list[str]:
     ours_mem = {n: r["memory"]["peak_rss_mib"] for n, rs in block["runs"].items() for r in rs
                 if r["stage"] == "ours" and "error" not in r}
-    if len(ours_mem) >= 2:
-        (n0, m0), (n1, m1) = sorted(ours_mem.items())[0], sorted(ours_mem.items())[-1]
-        lines.append(f"- ours' peak RSS at {n1:,} / at {n0:,} images = {m1 / m0:.2f} (target <= 1.10)")
-    return lines
+    if len(ours_mem) < 2:
+        return []
+    (n0, m0), (n1, m1) = sorted(ours_mem.items())[0], sorted(ours_mem.items())[-1]
+    return [f"- ours' peak RSS at {n1:,} / at {n0:,} images = {m1 / m0:.2f} (target <= 1.10)"]
 
 
 def _ratio(ours: dict, other: float | None) -> str:

@@ -59,20 +59,7 @@ def profile_once(args: list[str], workdir: Path, steady: bool = False
                             start_new_session=True)
     marks: dict[str, float] = {}
     first = threading.Event()
-    patterns = {k: re.compile(v) for k, v in OURS_PATTERNS.items() if k != "progress"}
-
-    def read() -> None:
-        for line in proc.stdout:
-            for name, pat in patterns.items():
-                if name not in marks and pat.search(line):
-                    marks[name] = round(time.monotonic() - t0, 1)
-            if "first" in marks and not first.is_set():
-                marks["images_after_first"] = -int(re.search(patterns["first"], line).group(1))
-                first.set()
-            if steady and (m := re.search(r"progress: (\d+)/\d+ images \(100%\)", line)):
-                marks["images_after_first"] += int(m.group(1))
-
-    threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=_read_marks, args=(proc, t0, marks, first, steady), daemon=True).start()
     seen: dict[int, tuple[str, float]] = {}  # pid -> (comm, CPU s)
 
     def sample(until) -> float:
@@ -95,6 +82,21 @@ def profile_once(args: list[str], workdir: Path, steady: bool = False
     if "first" not in marks:
         raise RuntimeError(f"score-images exited ({proc.returncode}) before its first result")
     return marks, cpu, elapsed
+
+
+def _read_marks(proc: subprocess.Popen, t0: float, marks: dict[str, float], first: threading.Event,
+                steady: bool) -> None:
+    """Fill ``marks`` with the seconds at which ours' log showed each milestone; set ``first`` at its first result."""
+    patterns = {k: re.compile(v) for k, v in OURS_PATTERNS.items() if k != "progress"}
+    for line in proc.stdout:
+        for name, pat in patterns.items():
+            if name not in marks and pat.search(line):
+                marks[name] = round(time.monotonic() - t0, 1)
+        if "first" in marks and not first.is_set():
+            marks["images_after_first"] = -int(re.search(patterns["first"], line).group(1))
+            first.set()
+        if steady and (m := re.search(r"progress: (\d+)/\d+ images \(100%\)", line)):
+            marks["images_after_first"] += int(m.group(1))
 
 
 def main() -> None:

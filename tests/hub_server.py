@@ -57,62 +57,70 @@ _TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/?]+)")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>[^?]+)")
 
 
-def _handler(hub: LocalHub):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # quiet
-            pass
+def _handler(hub: LocalHub) -> type:
+    """A request handler class that serves ``hub``."""
+    return type("Handler", (_HubHandler,), {"hub": hub})
 
-        def do_HEAD(self):
-            self._serve(body=False)
 
-        def do_GET(self):
-            self._serve(body=True)
+class _HubHandler(BaseHTTPRequestHandler):
+    """The hub's HTTP API as huggingface_hub calls it: model info, file tree, file downloads."""
 
-        def _serve(self, body: bool):
-            hub.requests.append(f"{self.command} {self.path}")
-            if self.path.startswith("/api/models?"):
-                return self._send(200, b"[]", {"Content-Type": "application/json"}, body)
-            m = _RESOLVE.match(self.path)
-            if m:
-                return self._file(m["repo"], m["rev"], m["file"], body)
-            m = _TREE.match(self.path)
-            if m:
-                found = hub.lookup(m["repo"], m["rev"])
-                if not found:
-                    return self._send(404, b"{}", {"X-Error-Code": "RevisionNotFound"}, body)
-                entries = [{"type": "file", "path": f.name, "size": f.stat().st_size,
-                            "oid": hashlib.sha1(f.read_bytes()).hexdigest()}
-                           for f in sorted(found[1].iterdir())]
-                return self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, body)
-            m = _INFO.match(self.path)
-            if m:
-                found = hub.lookup(m["repo"], m["rev"] or "main")
-                if not found:
-                    return self._send(404, b'{"error": "Repository not found"}',
-                                      {"X-Error-Code": "RepoNotFound"}, body)
-                sha, directory = found
-                info = {"id": m["repo"], "modelId": m["repo"], "sha": sha, "private": False,
-                        "siblings": [{"rfilename": f.name} for f in sorted(directory.iterdir())]}
-                return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
-            self._send(404, b"not found", {}, body)
+    hub: LocalHub
 
-        def _file(self, repo: str, rev: str, name: str, body: bool):
-            found = hub.lookup(repo, rev)
-            path = found[1] / name if found else None
-            if not path or not path.is_file():
-                return self._send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound"}, body)
-            data = path.read_bytes()
-            headers = {"X-Repo-Commit": found[0], "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-                       "Content-Type": "application/octet-stream"}
-            self._send(200, data, headers, body)
+    def log_message(self, *args):  # quiet
+        pass
 
-        def _send(self, status: int, data: bytes, headers: dict, body: bool):
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
+    def do_HEAD(self):
+        self._serve(body=False)
 
-    return Handler
+    def do_GET(self):
+        self._serve(body=True)
+
+    def _serve(self, body: bool):
+        self.hub.requests.append(f"{self.command} {self.path}")
+        if self.path.startswith("/api/models?"):
+            return self._send(200, b"[]", {"Content-Type": "application/json"}, body)
+        if m := _RESOLVE.match(self.path):
+            return self._file(m["repo"], m["rev"], m["file"], body)
+        if m := _TREE.match(self.path):
+            return self._tree(m["repo"], m["rev"], body)
+        if m := _INFO.match(self.path):
+            return self._info(m["repo"], m["rev"] or "main", body)
+        self._send(404, b"not found", {}, body)
+
+    def _tree(self, repo: str, rev: str, body: bool):
+        found = self.hub.lookup(repo, rev)
+        if not found:
+            return self._send(404, b"{}", {"X-Error-Code": "RevisionNotFound"}, body)
+        entries = [{"type": "file", "path": f.name, "size": f.stat().st_size,
+                    "oid": hashlib.sha1(f.read_bytes()).hexdigest()}
+                   for f in sorted(found[1].iterdir())]
+        self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, body)
+
+    def _info(self, repo: str, rev: str, body: bool):
+        found = self.hub.lookup(repo, rev)
+        if not found:
+            return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, body)
+        sha, directory = found
+        info = {"id": repo, "modelId": repo, "sha": sha, "private": False,
+                "siblings": [{"rfilename": f.name} for f in sorted(directory.iterdir())]}
+        self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
+
+    def _file(self, repo: str, rev: str, name: str, body: bool):
+        found = self.hub.lookup(repo, rev)
+        path = found[1] / name if found else None
+        if not path or not path.is_file():
+            return self._send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound"}, body)
+        data = path.read_bytes()
+        headers = {"X-Repo-Commit": found[0], "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                   "Content-Type": "application/octet-stream"}
+        self._send(200, data, headers, body)
+
+    def _send(self, status: int, data: bytes, headers: dict, body: bool):
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
