@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 6 in one device call, inside its 10-minute limit: GPU correctness
 # (benchmarks/gpu_check.py), then the throughput benchmark for DeiT-base distilled in bf16
-# (ceiling, ours and the peer at 20,000 images, the baseline, which decodes in one process, on
-# the first 4,000 of them; then ours with --device-decode, nvJPEG, against a ceiling of its own
-# run) and CaiT-M36 384 (ceiling and ours). Results go to $OUT, at most 7 files: hardware.txt,
-# gpu_check.json, deit-base.md, deit-base-device-decode.md, cait.md, logs.tgz (each stage's log
-# and the raw results, packed again after every step), run.log. Each step has its own time limit
-# (470 s in all, plus up to 20 s each for a killed one), most important first, so a slow one
-# leaves the others' results; throughput.py saves its report after every stage.
+# (ceiling, ours and the peer at 40,000 images, the baseline, which decodes in one process, on
+# the first 2,000 of them; then ours with --device-decode, nvJPEG, against a ceiling of its own
+# run), CaiT-M36 384 (ceiling and ours), and last ours with --device-decode on two actors that
+# share the GPU. Results go to $OUT, 8 files: hardware.txt, gpu_check.json, deit-base.md,
+# deit-base-device-decode.md, cait.md, deit-base-device-decode-2-actors.md, logs.tgz (each
+# stage's log, the GPU's load every 0.5 s and the raw results, packed again after every step),
+# run.log. Each step has its own time limit (570 s in all, plus up to 20 s each for a killed one),
+# most important first, so a slow one leaves the others' results; throughput.py saves its report
+# after every stage.
 #
 # Here, first: benchmarks/device_bundle.sh (Ray, Prefect and theirs -> .device/site.tar.xz).
 # Then, with the device tool: run(command="bash benchmarks/device_run.sh", carry=[".device"]).
 # A dry run on a CPU machine (a Python 3.12 with torch, transformers and timm as PYTHON):
 #   DEVICE=cpu DTYPE=fp32 DEIT_MODEL=facebook/deit-tiny-distilled-patch16-224 \
 #   CAIT_MODEL=timm:deit_tiny_distilled_patch16_224.fb_in1k DEIT_IMAGES=300 BASELINE_IMAGES=100 CAIT_IMAGES=100 \
-#   DEIT_BATCHES=16 DEIT_BATCH=16 CAIT_BATCHES=16 CAIT_BATCH=16 \
+#   DEIT_BATCHES=16 DEIT_BATCH=16 CAIT_BATCHES=16 CAIT_BATCH=16 HALF_GPU=0 \
 #   PYTHON=/path/to/python3.12 OUT=/tmp/device-out bash benchmarks/device_run.sh
 set -uo pipefail
 out="${OUT:-/tmp/device-out}"
@@ -53,18 +55,32 @@ bench() {  # name, seconds, throughput.py arguments...
 pack() {  # the logs and raw results so far, so a step cut off by the call's own limit leaves them
     tar -czf "$out/logs.tgz" -C "$work" logs $(cd "$work" && ls results-*.json 2>/dev/null) 2>/dev/null
 }
+# the GPU's load every 0.5 s through every step, to set against each stage's log times: whether
+# the device or what feeds it is the bound (packed with the logs)
+mkdir -p "$work/logs"
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used,power.draw,clocks.sm \
+        --format=csv -lms 500 > "$work/logs/gpu-load.csv" 2>&1 &
+    sampler=$!
+    trap 'kill "$sampler" 2> /dev/null' EXIT
+fi
 echo "== gpu_check"
 timeout 70 "$py" benchmarks/gpu_check.py --device "$device" --model "$deit" "$cait" --images 16 \
     --out "$out/gpu_check.json"
 echo "== gpu_check: exit $?"
 # word splitting of the batch-size lists is meant
 # shellcheck disable=SC2086
-bench deit-base 200 --model "$deit" --images "${DEIT_IMAGES:-20000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
-    --batch-size "${DEIT_BATCH:-128}" --baseline-images "${BASELINE_IMAGES:-4000}"
+bench deit-base 230 --model "$deit" --images "${DEIT_IMAGES:-40000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
+    --batch-size "${DEIT_BATCH:-128}" --baseline-images "${BASELINE_IMAGES:-2000}"
 # JPEGs decoded on the GPU (nvJPEG) instead of by the decode tasks' PIL, with its own ceiling
-bench deit-base-device-decode 100 --model "$deit" --images "${DEIT_IMAGES:-20000}" \
+bench deit-base-device-decode 100 --model "$deit" --images "${DEIT_IMAGES:-40000}" \
     --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip baseline peer --ours-args=--device-decode
 # shellcheck disable=SC2086
 bench cait 100 --model "$cait" --images "${CAIT_IMAGES:-3000}" --batch-sizes ${CAIT_BATCHES:-32 64} \
     --batch-size "${CAIT_BATCH:-64}" --skip baseline peer
+# last, so a short call loses only this: two actors sharing the GPU (half each) with nvJPEG, against
+# the one actor above, to show whether one actor's host side bounds the device-decode path
+bench deit-base-device-decode-2-actors 70 --model "$deit" --images "${DEIT_IMAGES:-40000}" \
+    --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip ceiling baseline peer \
+    --num-actors 2 --gpus-per-actor "${HALF_GPU:-0.5}" --ours-args=--device-decode
 echo "== done"
