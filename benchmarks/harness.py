@@ -88,8 +88,14 @@ def count_rows(path: Path) -> int:
 
 
 def git_commit() -> str:
-    """HEAD (and whether the tree differs from it); else ``BENCH_COMMIT``, which device_run.sh sets
-    from the commit device_bundle.sh recorded, since the device's copy of the tree has no .git."""
+    """``BENCH_COMMIT`` where set, else HEAD (and whether the tree differs from it).
+
+    device_run.sh sets ``BENCH_COMMIT`` from the commit device_bundle.sh recorded: the
+    device's copy of the tree need not carry this repository's history (on 2026-12-04 its
+    .git named the commit before the one that ran, with "uncommitted changes").
+    """
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -97,7 +103,7 @@ def git_commit() -> str:
     except OSError:
         head = None
     if head is None or head.returncode != 0:
-        return os.environ.get("BENCH_COMMIT") or "unknown"
+        return "unknown"
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 

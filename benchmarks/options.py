@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from pathlib import Path
 
 import images
@@ -31,7 +32,10 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     if cfg.ceiling_threads is None:
         cfg.ceiling_threads = sorted({max(math.floor(cfg.cpus_per_actor), 1), os.cpu_count() or 1})
     cfg.workdir = cfg.workdir.resolve()
-    cfg.logs = cfg.workdir / "logs"
+    # one folder per invocation: device_run.sh runs the same model, dtype and set in several
+    # invocations, whose stage logs had the same names and overwrote each other
+    cfg.stamp = time.strftime("%Y%m%dT%H%M%S")
+    cfg.logs = cfg.workdir / "logs" / cfg.stamp
     return cfg
 
 

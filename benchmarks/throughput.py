@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": "benchmarks/throughput.py " + shlex.join(argv), "commit": git_commit(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "hardware": hardware()}
     blocks: list[dict] = []
-    raw = cfg.workdir / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    raw = cfg.workdir / f"results-{cfg.stamp}.json"
     cfg.mean_image_bytes = {}
 
     def save() -> None:  # after every stage: the report so far and the raw rows

@@ -44,8 +44,35 @@ class Preprocessor:
         raise NotImplementedError
 
     def normalize(self, x):
-        """The value steps on a uint8 tensor from :meth:`to_uint8`, on its device: float32 pixels."""
+        """The value steps on a uint8 tensor from :meth:`to_uint8`, on its device: float32 pixels.
+
+        Each output is looked up in a table of every channel's 256 values, which the library's
+        own steps (:meth:`_value_steps`) computed on the CPU, so every device gives the CPU's
+        bits. Run on a GPU, the steps themselves need not: torch divides by a Python number
+        there as a multiplication by its reciprocal, and timm's ``/ 255`` came out one unit in
+        the last place off on an H200 (benchmarks/gpu_check.py, 2026-12-04). The table holds
+        only where the steps act on each value alone, per channel, which
+        :meth:`splits_exactly` checks through this method.
+        """
+        import torch
+
+        if x.dtype != torch.uint8:  # no 8-bit values to look up: the steps themselves
+            return self._value_steps(x)
+        tables = self.__dict__.setdefault("_tables", {})
+        table = tables.get(x.device)
+        if table is None:  # per device; GPU actors build theirs before their call threads start
+            table = tables[x.device] = _value_table(self, x.shape[1]).to(x.device)
+        offsets = torch.arange(x.shape[1], dtype=torch.int32, device=x.device).view(1, -1, 1, 1) * 256
+        return table[x.to(torch.int32) + offsets]
+
+    def _value_steps(self, x):
+        """The library's value steps (rescale, normalise) on a uint8 CPU tensor (N, C, H, W)."""
         raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        # device tables stay where they were built: a decode worker needs none, and CUDA
+        # tensors must not travel in the pickles that ship this object to Ray's workers
+        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
 
     def geometry(self, images: Sequence):
         """:meth:`to_uint8` for uint8 (3, H, W) tensors, on their device (``--device-decode``).
@@ -146,7 +173,7 @@ class HFPreprocessor(Preprocessor):
             return None
         return _channels_last if kept else _planar
 
-    def normalize(self, x):
+    def _value_steps(self, x):
         p = self.processor  # the torchvision backend's fused rescale-and-normalise, as __call__ runs it
         return p.rescale_and_normalize(x, p.do_rescale, p.rescale_factor, p.do_normalize, p.image_mean, p.image_std)
 
@@ -211,6 +238,18 @@ def _check_split(pre: Preprocessor) -> bool:
         logger.debug("preprocessing does not split", exc_info=True)
         return False
     return half.dtype == np.uint8 and split.shape == whole.shape and bool(np.array_equal(split, whole))
+
+
+def _value_table(pre: Preprocessor, channels: int):
+    """float32 (channels * 256,): the value steps' output for each channel and 8-bit value, from the CPU."""
+    import torch
+
+    ramp = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, channels, 1, 256).contiguous()
+    values = pre._value_steps(ramp)
+    if tuple(values.shape) != (1, channels, 1, 256) or values.dtype != torch.float32:
+        raise ValueError(f"value steps gave {values.dtype} {tuple(values.shape)} for a (1, {channels}, 1, 256) "
+                         "uint8 ramp: not a per-value map")
+    return values.reshape(-1).contiguous()
 
 
 def to_model_input(pixels: np.ndarray, preprocessor: Preprocessor, device):

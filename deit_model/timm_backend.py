@@ -107,7 +107,7 @@ class TimmPreprocessor(Preprocessor):
         head, _ = self._halves  # Resize and CenterCrop take tensors too (antialiased, not PIL's code)
         return torch.stack([head(t) for t in images])
 
-    def normalize(self, x):
+    def _value_steps(self, x):
         import torch
 
         _, tail = self._halves

@@ -134,10 +134,11 @@ PROCESS_DIED = "process_died"  # error_type of an image whose scoring process di
 
 
 def _warm_normalize(preprocessor, device) -> None:
-    """Build the normalisation's cached device constants once, before two call threads share them.
+    """Build the normalisation's lookup table on the device once, before two call threads share it.
 
-    transformers caches the fused mean and std as device tensors, computed on the stream of
-    the first call: another thread's stream could otherwise read them before that kernel ran.
+    The table is copied to the device on the stream of the first call
+    (:meth:`deit_model.Preprocessor.normalize`): another thread's stream could
+    otherwise read it before that copy ran.
     """
     import torch
 

@@ -200,10 +200,13 @@ def test_every_stage_saves_and_an_interrupted_one_says_so(monkeypatch):
                                                  "busy_before": 0.0}
 
 
-def test_commit_falls_back_to_the_recorded_one_without_git(tmp_path, monkeypatch):
+def test_commit_is_the_recorded_one_where_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
     assert harness.git_commit().split()[0] != "unknown"  # this checkout is a git repository
-    monkeypatch.setattr(harness, "ROOT", tmp_path)  # the device's copy of the tree: no .git
+    # device_run.sh's: wins over a .git, which on the device named the commit before the one run
     monkeypatch.setenv("BENCH_COMMIT", "abc123 (recorded by device_bundle.sh)")
+    assert harness.git_commit() == "abc123 (recorded by device_bundle.sh)"
+    monkeypatch.setattr(harness, "ROOT", tmp_path)  # and a copy of the tree without .git
     assert harness.git_commit() == "abc123 (recorded by device_bundle.sh)"
     monkeypatch.delenv("BENCH_COMMIT")
     assert harness.git_commit() == "unknown"

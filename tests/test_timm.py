@@ -1,6 +1,8 @@
 """timm checkpoints scored exactly as timm scores them (the model cards' recipes)."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,32 @@ def test_a_timm_model_whose_embedding_is_not_num_features_wide_is_refused(tmp_pa
     ckpt = create_random_timm_checkpoint("mobilenetv3_small_050.lamb_in1k", tmp_path / "c")
     with pytest.raises(ModelLoadError, match="1024 wide, not config.json's num_features .288."):
         create_scorer(str(ckpt), device="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_normalisation_is_a_table_computed_on_the_cpu(name, tmp_path, photos, monkeypatch):
+    """The value steps run once, on the CPU, for each 8-bit value; a device only looks them up.
+
+    On an H200 the steps themselves came out one ulp off (torch's CUDA division by 255 is a
+    multiplication by its reciprocal: benchmarks/gpu_check.py, 2026-12-04). Simulated here: a
+    device whose division rounds that way changes nothing, since no batch goes through it.
+    """
+    ckpt = create_random_timm_checkpoint(name, tmp_path / "ckpt", **SMALL[name])
+    pre = load_preprocessor(str(ckpt))
+    every = torch.arange(256, dtype=torch.uint8).repeat(3 * 16).view(1, 3, 16, 256)
+    table = pre.normalize(every)
+    assert torch.equal(table, pre._value_steps(every))  # the library's own bits, for every value
+    reciprocal = (every.to(torch.float32) * (1 / 255)).ne(every.to(torch.float32).div(255))
+    assert reciprocal.any()  # the GPU's rounding is a real difference for some 8-bit values
+    calls = []
+    steps = type(pre)._value_steps
+    monkeypatch.setattr(type(pre), "_value_steps", lambda self, x: calls.append(x.shape) or steps(self, x))
+    images = _photos(photos)
+    expected = pre(images)
+    assert np.array_equal(pre.normalize(torch.from_numpy(pre.to_uint8(images))).numpy(), expected)
+    assert calls == []  # the table was built by the first call above, not per batch
+    fresh = load_preprocessor(str(ckpt))
+    fresh.normalize(torch.from_numpy(pre.to_uint8(images)))
+    assert calls == [(1, 3, 1, 256)]  # a new object builds it from one ramp of 256 values per channel
+    restored = pickle.loads(pickle.dumps(fresh))
+    assert "_tables" not in restored.__dict__  # tables stay where they were built (CUDA ones too)
