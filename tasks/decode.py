@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -256,14 +257,33 @@ def _preprocess(images: list, rows: list[int], preprocess, errors: list, shape: 
     return pixels
 
 
-def decode_task_for(num_cpus: float):
-    """The Ray task that decodes one batch, with ``num_cpus`` CPUs: ``task.remote(batch, options)``."""
+def decode_task_for(num_cpus: float, fn=None):
+    """The Ray task that decodes one batch, with ``num_cpus`` CPUs: ``task.remote(batch, options)``.
+
+    ``fn`` instead of the decode itself: a task of the same shape, which Ray runs in the
+    same worker processes (:func:`warm_task_for`).
+    """
     import ray
 
     # The memory reservation keeps Ray from packing too many decode tasks onto a node: a batch
     # of 12 MP photos holds hundreds of MB while decoding. A remote function, not an .options()
     # wrapper, so that a suspect batch's task can take options again (no retries).
-    return ray.remote(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)(_decode)
+    return ray.remote(num_cpus=num_cpus, memory=DECODE_TASK_MEMORY)(fn or _decode)
+
+
+def warm_task_for(num_cpus: float):
+    """A task shaped like :func:`decode_task_for`'s that readies its worker: ``task.remote(checkpoint)``.
+
+    It imports the model libraries and loads the checkpoint's preprocessing (checking its
+    split) into the worker's cache, which each decode worker otherwise does on its first batch.
+    """
+    return decode_task_for(num_cpus, _warm)
+
+
+def _warm(checkpoint: tuple) -> int:
+    """Ready this worker for decode tasks of ``checkpoint``; return its process id."""
+    _preprocessor(*checkpoint).splits_exactly()
+    return os.getpid()
 
 
 def _decode(batch: dict, options: dict) -> dict:

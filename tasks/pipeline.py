@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from deit_model import CheckpointRef, embedding_dim, load_preprocessor
 
 from .actor_pool import ScorerPool, plan_batches, pool_spec, window_for
-from .early_pool import start_early, take_pool
+from .early_pool import start_early, take_pool, warm_decode_workers
 from .ray_cluster import cluster_resources
 from .schema import OutputSpec
 from .score import BatchContext
@@ -104,8 +104,10 @@ def start_actors_early(settings: ScoreSettings, ref: CheckpointRef) -> None:
         placement = plan_placement(settings, *cluster_resources())
     except ResourceError:
         return
+    spec = pool_spec(settings, ref.source, ref.revision, placement)
     # CPU actors share their cores with the command and Prefect while they start: one first
-    start_early(pool_spec(settings, ref.source, ref.revision, placement), stagger=placement.device == "cpu")
+    start_early(spec, stagger=placement.device == "cpu")
+    warm_decode_workers(spec, settings.decode_cpus, placement.spare_cpus)
 
 
 def release_resources() -> None:

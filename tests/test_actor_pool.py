@@ -125,6 +125,22 @@ def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_check
     early_pool.discard_early()  # nothing left: a no-op
 
 
+def test_decode_workers_are_readied_with_the_early_pool(ray_cluster, tiny_checkpoint, photos, tmp_path):
+    """One warm task per decode task the spare CPUs hold, each in a worker process of its own
+    that has loaded the checkpoint's preprocessing; none where the actors decode."""
+    import ray
+
+    from tasks.early_pool import warm_decode_workers
+
+    _, _, _, spec = _setup(tiny_checkpoint, photos, tmp_path)
+    assert warm_decode_workers(spec, 0.0, 2.0) == []  # decoding in the actors: no decode workers
+    refs = warm_decode_workers(spec, 0.5, 1.0)
+    pids = ray.get(refs, timeout=120)
+    assert len(pids) == 2 and os.getpid() not in pids
+    for pid in set(pids):
+        os.kill(pid, 0)  # alive, kept by Ray for the decode tasks (ProcessLookupError otherwise)
+
+
 def test_a_staggered_pool_discarded_while_starting_is_stopped_once_up(ray_cluster, tiny_checkpoint, photos,
                                                                       tmp_path):
     """The CLI starts CPU actors one after another on a thread; a run that ends first must not leak them."""
