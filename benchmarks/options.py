@@ -78,7 +78,9 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
 
 def _add_harness(p: argparse.ArgumentParser) -> None:
     """What the harness does around the stages: which run, where files go, timing."""
-    p.add_argument("--skip", nargs="+", choices=STAGES, default=[], help="stages to leave out")
+    p.add_argument("--skip", nargs="+", action="extend", choices=STAGES + ("ceiling-after",), default=[],
+                   help="stages to leave out (repeatable); ceiling-after: the ceiling's repeat after the "
+                        "end-to-end stages (the drift check, which a GPU's steady clock makes least needed)")
     p.add_argument("--pool", type=int, default=None, help="distinct images per set (default: 256 small, 16 phone)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/deit-throughput"),
                    help="images, checkpoints, outputs and logs; image sets and checkpoints are reused")
