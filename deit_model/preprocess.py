@@ -58,10 +58,10 @@ class Preprocessor:
 
         if x.dtype != torch.uint8:  # no 8-bit values to look up: the steps themselves
             return self._value_steps(x)
-        tables = self.__dict__.setdefault("_tables", {})
-        table = tables.get(x.device)
+        tables, key = self.__dict__.setdefault("_tables", {}), (x.device, x.shape[1])
+        table = tables.get(key)
         if table is None:  # per device; GPU actors build theirs before their call threads start
-            table = tables[x.device] = _value_table(self, x.shape[1]).to(x.device)
+            table = tables[key] = _value_table(self, x.shape[1]).to(x.device)
         offsets = torch.arange(x.shape[1], dtype=torch.int32, device=x.device).view(1, -1, 1, 1) * 256
         return table[x.to(torch.int32) + offsets]
 
