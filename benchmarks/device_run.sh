@@ -6,8 +6,9 @@
 # run), CaiT-M36 384 (ceiling and ours at 2,000), and last ours with --device-decode on two
 # actors that share the GPU. Results go to $OUT, 8 files: hardware.txt, gpu_check.json,
 # deit-base.md, deit-base-device-decode.md, cait.md, deit-base-device-decode-2-actors.md,
-# logs.tgz (each invocation's stage logs, the GPU's load every 0.5 s and the raw results, packed
-# again after every step), run.log. Each step has its own time limit, most important first, so a
+# logs.tgz (each invocation's stage logs, the GPU's load every 0.5 s, the raw results, and for
+# each of ours' DeiT-base runs a few seconds of every process's CPU and of the scoring actor's
+# threads (benchmarks/device_probe.sh, probe-*), packed again after every step), run.log. Each step has its own time limit, most important first, so a
 # slow one leaves the others' results; throughput.py saves its report after every stage. The
 # limits are the first H200 run's step times (2026-12-04) with a margin: 90 + 240 + 90 + 150 s,
 # about 14 s of unpacking before them, and 60 s for the last step, which the call's 600 s may cut.
@@ -55,6 +56,9 @@ bench() {  # name, seconds, throughput.py arguments...
     echo "== $name: exit $?"
     pack
 }
+probe() {  # step name, seconds: benchmarks/device_probe.sh in the background, for the step's ours stage
+    bash benchmarks/device_probe.sh "$work/logs" "$work/logs/probe-$1" "$2" /tmp/site/bin/py-spy &
+}
 pack() {  # the logs and raw results so far, so a step cut off by the call's own limit leaves them
     tar -czf "$out/logs.tgz" -C "$work" logs $(cd "$work" && ls results-*.json 2>/dev/null) 2>/dev/null
 }
@@ -73,9 +77,11 @@ timeout 90 "$py" benchmarks/gpu_check.py --device "$device" --model "$deit" "$ca
 echo "== gpu_check: exit $?"
 # word splitting of the batch-size lists is meant
 # shellcheck disable=SC2086
+probe deit-base 240
 bench deit-base 240 --model "$deit" --images "${DEIT_IMAGES:-40000}" --batch-sizes ${DEIT_BATCHES:-64 128 256} \
     --batch-size "${DEIT_BATCH:-128}" --baseline-images "${BASELINE_IMAGES:-2000}"
 # JPEGs decoded on the GPU (nvJPEG) instead of by the decode tasks' PIL, with its own ceiling
+probe deit-base-device-decode 90
 bench deit-base-device-decode 90 --model "$deit" --images "${DEIT_IMAGES:-40000}" \
     --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip baseline peer --ours-args=--device-decode
 # shellcheck disable=SC2086
@@ -83,6 +89,7 @@ bench cait 150 --model "$cait" --images "${CAIT_IMAGES:-2000}" --batch-sizes ${C
     --batch-size "${CAIT_BATCH:-64}" --skip baseline peer
 # last, so a short call loses only this: two actors sharing the GPU (half each) with nvJPEG, against
 # the one actor above, to show whether one actor's host side bounds the device-decode path
+probe deit-base-device-decode-2-actors 60
 bench deit-base-device-decode-2-actors 60 --model "$deit" --images "${DEIT_IMAGES:-40000}" \
     --batch-sizes "${DEIT_BATCH:-128}" --batch-size "${DEIT_BATCH:-128}" --skip ceiling baseline peer \
     --num-actors 2 --gpus-per-actor "${HALF_GPU:-0.5}" --ours-args=--device-decode
