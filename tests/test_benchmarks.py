@@ -311,3 +311,31 @@ def test_ceiling_on_cpu_includes_one_process_per_core_side_by_side(tiny_checkpoi
     assert parallel["memory"]["peak_rss_mib"] > single["memory"]["peak_rss_mib"]  # two processes' worth
     assert parallel["memory"]["other_cores"] < 0.6  # the sibling's CPU is not "other work"
     assert len(list(tmp_path.glob("*.parallel*.log"))) == 2
+
+
+def test_device_probe_samples_the_new_run_and_its_newest_actor(tmp_path):
+    """device_probe.sh ignores the invocations before it, waits for the new ours log's first
+    result, then samples the machine's processes and hands the newest scoring actor to py-spy."""
+    probe = Path(__file__).resolve().parents[1] / "benchmarks" / "device_probe.sh"
+    logs = tmp_path / "logs"
+    (logs / "old").mkdir(parents=True)
+    (logs / "old" / "ours-m-10.log").write_text("progress: first 16 images after 1.0 s\n")  # an earlier step's
+    spy = tmp_path / "py-spy"  # records the pid it was given, where py-spy writes its stacks
+    spy.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do case $1 in --pid) p=$2;; -o) o=$2;; esac; shift; done\n'
+                   'echo "sampled $p" > "$o"\n')
+    spy.chmod(0o755)
+    actors = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ray::ScoringActor"])
+              for _ in range(2)]
+    try:
+        run = subprocess.Popen(["bash", str(probe), str(logs), str(tmp_path / "probe-x"), "30", str(spy)])
+        time.sleep(1.5)
+        assert not (tmp_path / "probe-x-top.txt").exists()  # the old log's first result is not this run's
+        (logs / "new").mkdir()
+        (logs / "new" / "ours-m-10.log").write_text("scoring...\nprogress: first 16 images after 1.0 s\n")
+        assert run.wait(timeout=30) == 0
+    finally:
+        for a in actors:
+            a.kill()
+            a.wait()
+    assert (tmp_path / "probe-x-top.txt").read_text().startswith(f"sampling during {logs / 'new'}")
+    assert (tmp_path / "probe-x-actor.txt").read_text() == f"sampled {actors[-1].pid}\n"
