@@ -258,7 +258,8 @@ def run_measured(cmd: list[str], env: dict, patterns: dict[str, str] | None = No
     compiled = {k: re.compile(v) for k, v in (patterns or {}).items()}
     matches: dict[str, list] = {k: [] for k in compiled}
     events, tail = [], deque(maxlen=40)
-    log = open(log_path, "w") if log_path else None
+    # line-buffered: device_probe.sh (and anyone tailing it) reads the log while the stage runs
+    log = open(log_path, "w", buffering=1) if log_path else None
     launched = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             bufsize=1, errors="replace", start_new_session=True)
