@@ -8,8 +8,9 @@
 # deit-base.md, deit-base-device-decode.md, cait.md, deit-base-device-decode-2-actors.md,
 # logs.tgz (each invocation's stage logs, the GPU's load every 0.5 s, the raw results, and for
 # each of ours' DeiT-base runs a few seconds of every process's CPU and of the scoring actor's
-# threads (benchmarks/device_probe.sh, probe-*), packed again after every step), run.log. Each step has its own time limit, most important first, so a
-# slow one leaves the others' results; throughput.py saves its report after every stage. The
+# threads (benchmarks/device_probe.sh, probe-*), packed again after every step), run.log. Each
+# step has its own time limit, most important first, so a slow one leaves the others' results;
+# throughput.py saves its report after every stage. The
 # limits are the first H200 run's step times (2026-12-04) with a margin: 90 + 240 + 90 + 150 s,
 # about 14 s of unpacking before them, and 60 s for the last step, which the call's 600 s may cut.
 # The ceiling is not repeated after the stages (--skip ceiling-after): on the H200 the same

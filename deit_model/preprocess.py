@@ -59,11 +59,11 @@ class Preprocessor:
         if x.dtype != torch.uint8:  # no 8-bit values to look up: the steps themselves
             return self._value_steps(x)
         tables, key = self.__dict__.setdefault("_tables", {}), (x.device, x.shape[1])
-        table = tables.get(key)
-        if table is None:  # per device; GPU actors build theirs before their call threads start
-            table = tables[key] = _value_table(self, x.shape[1]).to(x.device)
-        offsets = torch.arange(x.shape[1], dtype=torch.int32, device=x.device).view(1, -1, 1, 1) * 256
-        return table[x.to(torch.int32) + offsets]
+        if key not in tables:  # per device; GPU actors build theirs before their call threads start
+            offsets = torch.arange(x.shape[1], dtype=torch.int32).view(1, -1, 1, 1) * 256  # each channel's row
+            tables[key] = _value_table(self, x.shape[1]).to(x.device), offsets.to(x.device)
+        table, offsets = tables[key]
+        return table[x.to(torch.int32).add_(offsets)]
 
     def _value_steps(self, x):
         """The library's value steps (rescale, normalise) on a uint8 CPU tensor (N, C, H, W)."""
