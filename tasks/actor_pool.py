@@ -55,6 +55,10 @@ class PoolSpec:
     concurrency: int = 1  # calls an actor runs at once (threads)
     uint8_pixels: bool = False  # decode tasks send uint8 pixels, which the actors normalise
 
+    def checkpoint(self) -> tuple:
+        """What a decode worker loads the preprocessing from (tasks.decode's cache key)."""
+        return self.model, self.revision, self.storage_options
+
     def actor_kwargs(self) -> dict:
         return {"model": self.model, "revision": self.revision, "device": self.device, "dtype": self.dtype,
                 "top_k": self.top_k, "storage_options": json.loads(self.storage_options)}
@@ -154,8 +158,7 @@ class ScorerPool:
 
         decode_task = None
         if decode_cpus > 0:
-            checkpoint = (self.spec.model, self.spec.revision, self.spec.storage_options)
-            options = {**context.decode, "checkpoint": checkpoint, "uint8": self.spec.uint8_pixels}
+            options = {**context.decode, "checkpoint": self.spec.checkpoint(), "uint8": self.spec.uint8_pixels}
             decode_task, decode_ref = decode_task_for(decode_cpus), ray.put(options)
             context = replace(context, decode=None)
         context_ref = ray.put(context)

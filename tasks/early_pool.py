@@ -111,5 +111,5 @@ def warm_decode_workers(spec: PoolSpec, decode_cpus: float, spare_cpus: float) -
 
     if decode_cpus <= 0:
         return []
-    task, checkpoint = warm_task_for(decode_cpus), (spec.model, spec.revision, spec.storage_options)
-    return [task.remote(checkpoint) for _ in range(int(spare_cpus // decode_cpus))]
+    task = warm_task_for(decode_cpus)
+    return [task.remote(spec.checkpoint()) for _ in range(int(spare_cpus // decode_cpus))]

@@ -126,8 +126,8 @@ def test_an_early_pool_serves_the_run_only_if_it_matches(ray_cluster, tiny_check
 
 
 def test_decode_workers_are_readied_with_the_early_pool(ray_cluster, tiny_checkpoint, photos, tmp_path):
-    """One warm task per decode task the spare CPUs hold, each in a worker process of its own
-    that has loaded the checkpoint's preprocessing; none where the actors decode."""
+    """One warm task per decode task the spare CPUs hold, each run in a live worker process
+    (not the driver) that loads the checkpoint's preprocessing; none where the actors decode."""
     import ray
 
     from tasks.early_pool import warm_decode_workers
