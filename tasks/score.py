@@ -44,6 +44,8 @@ class ScoringActor:
     Arrow rows overlap another's forward pass.
     """
 
+    _profiler = None  # a few seconds of the device's timeline, a diagnostic: see _attach
+
     def __init__(self, *, model: str, revision: str | None, device: str, dtype: str, top_k: int,
                  storage_options: dict):
         # imported here: the driver names this class without loading torch
@@ -67,6 +69,9 @@ class ScoringActor:
         self._model_lock = threading.Lock()
         if scorer.device.type == "cuda" and preprocessor.splits_exactly():  # else normalize() is never used
             _warm_normalize(preprocessor, scorer.device)
+        from deit_model.profiling import profiler_from_env
+
+        self._profiler = profiler_from_env()  # set only where DEIT_PROFILE_DIR is (docs/benchmarks.md)
 
     def preprocessing(self) -> dict:
         """The preprocessing configuration, for the output's lineage."""
@@ -87,6 +92,8 @@ class ScoringActor:
         with self.scorer.stream():  # this call's device work on its thread's own CUDA stream
             batch, x = self._model_input(batch)
             cols = self._prediction_columns(x, np.asarray(batch["decoded"], dtype=bool), spec)
+        if self._profiler is not None:
+            self._profiler.on_call(len(batch["decoded"]))
         return _table({**_passthrough(batch, context, self.scorer.ref.revision), **cols}, schema)
 
     def _model_input(self, batch: dict[str, np.ndarray]):
