@@ -9,7 +9,7 @@
 # logs.tgz (each invocation's stage logs, the GPU's load every 0.5 s, the raw results, and for
 # each of ours' DeiT-base runs a few seconds of every process's CPU and of the scoring actor's
 # threads (benchmarks/device_probe.sh, probe-*), and for every step each scoring actor's device
-# timeline over 2 s, 4 s after its first batch (deit_model/profiling.py, device-profile-*: how
+# timeline over 2 s, 2 s after its first batch (deit_model/profiling.py, device-profile-*: how
 # much of the time a kernel ran, and which), packed again after every step), run.log. Each
 # step has its own time limit, most important first, so a slow one leaves the others' results;
 # throughput.py saves its report after every stage. The
@@ -54,7 +54,7 @@ bench() {  # name, seconds, throughput.py arguments...
     # a stage past its own limit has its process group (the command, its Ray cluster) killed;
     # past the step's, timeout's SIGTERM makes throughput.py do the same (SIGTERM, 10 s, SIGKILL)
     # before timeout's own SIGKILL, 20 s later
-    DEIT_PROFILE_DIR="$work/logs/device-profile-$name" DEIT_PROFILE_WINDOW=4,2 \
+    DEIT_PROFILE_DIR="$work/logs/device-profile-$name" DEIT_PROFILE_WINDOW=2,2 \
     timeout -k 20 "$limit" "$py" benchmarks/throughput.py --device "$device" --dtype "$dtype" --workdir "$work" \
         --settle 3 --ceiling-seconds 4 --skip ceiling-after --timeout "$((limit - 25))" --out "$out/$name.md" "$@"
     echo "== $name: exit $?"

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class WindowProfiler:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
+        # about a profiler with a schedule of cycles; this one has a single window
+        warnings.filterwarnings("ignore", message="Profiler clears events", category=UserWarning)
         time.sleep(self.delay)
         cuda = torch.cuda.is_available()
         try:

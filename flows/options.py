@@ -48,7 +48,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
             kwargs["required"] = True
         else:
             default = field.default_factory() if field.default_factory else field.default
-            kwargs["help"] += f" (default: {default})"
+            kwargs["help"] += f" (default: {'unset' if default is None else default})"
             kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(option, **kwargs)
 

@@ -74,7 +74,7 @@ def pool_spec(settings, model: str, revision: str | None, placement) -> PoolSpec
     """
     return PoolSpec(model, revision, placement.device, settings.dtype, settings.top_k,
                     json.dumps(settings.storage_options, sort_keys=True, default=str),
-                    settings.num_actors, placement.num_cpus, placement.num_gpus,
+                    placement.num_actors, placement.num_cpus, placement.num_gpus,
                     concurrency=GPU_CONCURRENCY if placement.device == "cuda" else 1,
                     uint8_pixels=placement.device == "cuda")
 

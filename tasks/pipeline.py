@@ -34,31 +34,52 @@ class ResourceError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
-    """How scoring actors are placed: device and resources per actor."""
+    """How scoring actors are placed: device and resources per actor, how many, and the decode stage."""
 
     device: str
     num_gpus: float
     num_cpus: float
     spare_cpus: float = 0.0  # the cluster's CPUs the actors leave, for decode tasks
+    num_actors: int = 1
+    decode_cpus: float = 0.0  # CPUs per decode task; 0: the actors decode
+
+
+def resolve_layout(settings: ScoreSettings, cpus: float, gpus: float) -> tuple[bool, int, float]:
+    """(GPU actors?, actors, CPUs per decode task): the settings, with what they leave unset chosen for the cluster.
+
+    Unset, the layout is the fastest measured (docs/benchmarks.md): GPU actors on every GPU,
+    fed by decode tasks of 1 CPU on the CPUs they leave; on a cluster without GPUs, one actor
+    per ``cpus_per_actor`` of its CPUs, each decoding its own images, since there decode and
+    model share the cores (on 2 cores 1.5 times the rate of 1 actor beside decode tasks).
+    """
+    use_gpu = gpus > 0 and settings.device != "cpu" and settings.gpus_per_actor > 0
+    decode = settings.decode_cpus
+    if decode is None:  # device=cuda on a cluster still without GPUs: its GPU actors will want them
+        decode = 1.0 if use_gpu or settings.device == "cuda" else 0.0
+    actors = settings.num_actors
+    if actors is None:
+        per = gpus // settings.gpus_per_actor if use_gpu else (cpus - decode) // settings.cpus_per_actor
+        actors = max(1, int(per))
+    return use_gpu, actors, decode
 
 
 def plan_placement(settings: ScoreSettings, cpus: float, gpus: float) -> Placement:
-    """Choose GPU or CPU actors, refusing layouts that would starve decode (and hang)."""
-    use_gpu = gpus > 0 and settings.device != "cpu" and settings.gpus_per_actor > 0
+    """Choose GPU or CPU actors and how many, refusing layouts that would starve decode (and hang)."""
+    use_gpu, actors, decode = resolve_layout(settings, cpus, gpus)
     if settings.device == "cuda" and not use_gpu:
         raise ResourceError("device=cuda but the Ray cluster has no GPUs; use --device auto or cpu")
-    if use_gpu and settings.num_actors * settings.gpus_per_actor > gpus:
+    if use_gpu and actors * settings.gpus_per_actor > gpus:
         raise ResourceError(
-            f"{settings.num_actors} actors x {settings.gpus_per_actor} GPU exceed the cluster's "
+            f"{actors} actors x {settings.gpus_per_actor} GPU exceed the cluster's "
             f"{gpus:g} GPUs; lower --num-actors or --gpus-per-actor")
-    needed = settings.num_actors * settings.cpus_per_actor + settings.decode_cpus
+    needed = actors * settings.cpus_per_actor + decode
     if needed > cpus:
         raise ResourceError(
-            f"{settings.num_actors} actors x {settings.cpus_per_actor:g} CPU + {settings.decode_cpus:g} "
+            f"{actors} actors x {settings.cpus_per_actor:g} CPU + {decode:g} "
             f"CPU for decoding need {needed:g} CPUs but the cluster has {cpus:g}; lower "
             "--num-actors, --cpus-per-actor or --decode-cpus")
     return Placement("cuda" if use_gpu else "cpu", settings.gpus_per_actor if use_gpu else 0.0,
-                     settings.cpus_per_actor, cpus - settings.num_actors * settings.cpus_per_actor)
+                     settings.cpus_per_actor, cpus - actors * settings.cpus_per_actor, actors, decode)
 
 
 def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
@@ -73,13 +94,14 @@ def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
     except ResourceError:
         if settings.resource_wait_seconds <= 0:
             raise
+    _, actors, decode_cpus = resolve_layout(settings, *cluster_resources())
     actor = {"CPU": settings.cpus_per_actor}
     if settings.device == "cuda":
         actor["GPU"] = settings.gpus_per_actor
-    decode = [{"CPU": settings.decode_cpus}] if settings.decode_cpus > 0 else []
-    _request_resources([dict(actor) for _ in range(settings.num_actors)] + decode)
+    decode = [{"CPU": decode_cpus}] if decode_cpus > 0 else []
+    _request_resources([dict(actor) for _ in range(actors)] + decode)
     logger.info("waiting up to %.0f s for the cluster to provide %d x %s + %g decode CPUs",
-                settings.resource_wait_seconds, settings.num_actors, actor, settings.decode_cpus)
+                settings.resource_wait_seconds, actors, actor, decode_cpus)
     deadline = time.monotonic() + settings.resource_wait_seconds
     while True:
         time.sleep(2.0)
@@ -107,7 +129,7 @@ def start_actors_early(settings: ScoreSettings, ref: CheckpointRef) -> None:
     spec = pool_spec(settings, ref.source, ref.revision, placement)
     # CPU actors share their cores with the command and Prefect while they start: one first
     start_early(spec, stagger=placement.device == "cpu")
-    warm_decode_workers(spec, settings.decode_cpus, placement.spare_cpus)
+    warm_decode_workers(spec, placement.decode_cpus, placement.spare_cpus)
 
 
 def release_resources() -> None:
@@ -172,15 +194,15 @@ def stream_plan(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, poo
     decode = {"max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode,
               "device_jpeg": settings.device_decode, "storage_options": settings.storage_options}
     context = BatchContext(run_id, ref.name, writer.spec, decode, model_revision=ref.revision)
-    window = window_for(settings.decode_cpus, placement.spare_cpus, settings.num_actors, pool.spec.concurrency)
+    decode_cpus = placement.decode_cpus
+    window = window_for(decode_cpus, placement.spare_cpus, placement.num_actors, pool.spec.concurrency)
     logger.info("scoring %d images in batches of %d on %d actors (%s), %s, up to %d batches in flight per actor",
-                plan.num_rows, settings.batch_size, settings.num_actors, placement.device,
-                f"decode tasks of {settings.decode_cpus:g} CPU" if settings.decode_cpus else "decoding in the actors",
-                window)
+                plan.num_rows, settings.batch_size, placement.num_actors, placement.device,
+                f"decode tasks of {decode_cpus:g} CPU" if decode_cpus else "decoding in the actors", window)
     progress = _Progress(plan.num_rows, settings.progress_seconds, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)
-    for table in pool.imap(plan_batches(plan, settings.batch_size), context, window, settings.decode_cpus):
+    for table in pool.imap(plan_batches(plan, settings.batch_size), context, window, decode_cpus):
         writer.write(table)
         progress.update(writer.result)
         if limit is not None and failed_before + writer.result.failed > limit:

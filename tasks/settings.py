@@ -36,13 +36,17 @@ class ScoreSettings(BaseModel):
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of the model")
     top_k: int = Field(5, ge=1, le=1000, description="how many labels to keep per image")
     batch_size: int = Field(32, ge=1, le=4096, description="images per model forward pass")
-    num_actors: int = Field(1, ge=1, le=1024, description="scoring actors, each holding one model copy")
+    num_actors: Optional[int] = Field(
+        None, ge=1, le=1024, description="scoring actors, each holding one model copy; unset: one per GPU "
+                                         "(--gpus-per-actor each) on a cluster with GPUs, else one per "
+                                         "--cpus-per-actor of the CPUs that decode tasks leave")
     gpus_per_actor: float = Field(
         1.0, ge=0, le=8, description="GPUs each actor asks for when the cluster has GPUs (fractions share a GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, le=64, description="CPUs each scoring actor reserves")
-    decode_cpus: float = Field(
-        1.0, ge=0, le=64, description="CPUs each decode task reserves; 0 decodes inside the scoring actors (the "
-                                      "fastest layout on CPU-only machines, where decode and model share the cores)")
+    decode_cpus: Optional[float] = Field(
+        None, ge=0, le=64, description="CPUs each decode task reserves; 0 decodes inside the scoring actors; unset: "
+                                       "1 with GPU actors, 0 without (where decode and model share the cores, "
+                                       "decoding in the actors is fastest)")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="model precision: auto is bf16 on GPUs that support it, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where actors run the model")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_run_prints_summary_and_exits_0(ray_cluster, prefect_harness, tiny_checkpoint, image_dir, tmp_path, capsys):
     code = main(["run", "--input", str(image_dir / "photos"), "--output", str(tmp_path / "o"),
-                 "--model", str(tiny_checkpoint), "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
+                 "--model", str(tiny_checkpoint), "--num-actors", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
     out = capsys.readouterr().out
     assert code == EXIT_OK
     assert "committed" in out and "8 listed" in out and "8 scored, 0 failed" in out
@@ -31,7 +31,7 @@ def test_run_that_fails_exits_1(ray_cluster, prefect_harness, tiny_checkpoint, i
     blocker = tmp_path / "file"
     blocker.write_text("output cannot go under a file")
     code = main(["run", "--input", str(image_dir / "photos"), "--output", str(blocker / "out"),
-                 "--model", str(tiny_checkpoint), "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
+                 "--model", str(tiny_checkpoint), "--num-actors", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
     err = capsys.readouterr().err
     run_id = err.split("score-images: run ")[1].split()[0]  # chosen by the command, named in its last line
     assert code == EXIT_FAILED and f"run {run_id} failed: " in err and f"rerun with --run-id {run_id}" in err

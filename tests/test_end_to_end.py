@@ -66,7 +66,7 @@ def _check_output(read_dataset, listed, ckpt, load_bytes, summary):
 def test_local_directory_end_to_end(ray_cluster, prefect_harness, tiny_checkpoint, image_dir, tmp_path):
     out = tmp_path / "out"
     summary = _run_flow(input=str(image_dir), output=str(out), model=str(tiny_checkpoint), top_k=TOP_K,
-                        batch_size=4, cpus_per_actor=0.5, decode_cpus=0.5, rows_per_file=100)
+                        batch_size=4, num_actors=1, cpus_per_actor=0.5, decode_cpus=0.5, rows_per_file=100)
     listed = [o.uri for o in list_images(str(image_dir))]
     assert summary.listed == len(listed) and summary.status == "committed"
 
@@ -110,7 +110,7 @@ def test_s3_input_and_output_end_to_end(ray_cluster, prefect_harness, tiny_check
     # above covers separate decode tasks, so both paths meet the same reference checks. With
     # --device-decode the actor's torchvision decodes the JPEGs (exact on a CPU for this checkpoint)
     summary = _run_flow(input=inp, output=out, model=str(tiny_checkpoint), top_k=TOP_K, batch_size=8,
-                        cpus_per_actor=1, decode_cpus=0, storage_options=opts, device_decode=True)
+                        num_actors=1, cpus_per_actor=1, decode_cpus=0, storage_options=opts, device_decode=True)
     listed = [o.uri for o in list_images(inp, opts)]
     assert summary.listed == len(listed) > 10
 
@@ -150,7 +150,7 @@ def test_failed_run_leaves_a_failed_manifest_and_no_parts(ray_cluster, prefect_h
     (broken / "model.safetensors").write_bytes(b"not safetensors")  # actors cannot load it
     out = tmp_path / "out"
     state = score_images(input=str(image_dir / "photos"), output=str(out), model=str(broken),
-                         cpus_per_actor=0.5, decode_cpus=0.5, return_state=True)
+                         num_actors=1, cpus_per_actor=0.5, decode_cpus=0.5, return_state=True)
     assert state.is_failed()
     (manifest_path,) = (out / "_runs").glob("*/manifest.json")
     manifest = json.loads(manifest_path.read_text())
@@ -170,7 +170,7 @@ def test_timm_cait_with_token_features_and_float16(ray_cluster, prefect_harness,
     ckpt = create_random_timm_checkpoint("cait_m36_384.fb_dist_in1k", tmp_path / "cait", **args)
     out = tmp_path / "out"
     _run_flow(input=str(image_dir / "photos"), output=str(out), model=str(ckpt), top_k=TOP_K, batch_size=4,
-              cpus_per_actor=0.5, decode_cpus=0.5, token_features=True, embedding_dtype="float16")
+              num_actors=1, cpus_per_actor=0.5, decode_cpus=0.5, token_features=True, embedding_dtype="float16")
     table = ds.dataset(out / "predictions", partitioning="hive").to_table()
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), 48)
     assert table.schema.field("token_features").type == pa.list_(pa.list_(pa.float16(), 48))

@@ -140,13 +140,32 @@ def _settings(**kw):
 def test_placement_cpu_and_gpu():
     assert plan_placement(_settings(), cpus=2, gpus=0).device == "cpu"
     gpu = plan_placement(_settings(num_actors=2, gpus_per_actor=0.5), cpus=16, gpus=1)
-    assert gpu.device == "cuda" and gpu.num_gpus == 0.5
+    assert gpu.device == "cuda" and gpu.num_gpus == 0.5 and gpu.num_actors == 2
     # what the actors leave is what decode tasks may use (the window per actor follows from it)
     assert gpu.spare_cpus == 16 - 2 * gpu.num_cpus
 
 
+@pytest.mark.parametrize("kw, cpus, gpus, expected", [
+    # unset: on CPU one actor per core, decoding in the actors; on GPUs every GPU, decode tasks on the rest
+    ({}, 2, 0, ("cpu", 2, 0.0, 0.0)),
+    ({}, 1, 0, ("cpu", 1, 0.0, 0.0)),
+    ({}, 16, 2, ("cuda", 2, 1.0, 14.0)),
+    (dict(gpus_per_actor=0.5), 16, 1, ("cuda", 2, 1.0, 14.0)),
+    (dict(device="cpu"), 16, 2, ("cpu", 16, 0.0, 0.0)),  # GPUs it was told not to use leave it on CPU
+    # what is set is kept, and the actors fill what it leaves
+    (dict(cpus_per_actor=0.5, decode_cpus=0.5), 2, 0, ("cpu", 3, 0.5, 0.5)),
+    (dict(cpus_per_actor=2), 5, 0, ("cpu", 2, 0.0, 1.0)),
+    (dict(num_actors=1, decode_cpus=1), 2, 0, ("cpu", 1, 1.0, 1.0)),
+    (dict(num_actors=1), 16, 8, ("cuda", 1, 1.0, 15.0)),
+])
+def test_placement_fills_the_cluster_where_the_layout_is_unset(kw, cpus, gpus, expected):
+    p = plan_placement(_settings(**kw), cpus=cpus, gpus=gpus)
+    assert (p.device, p.num_actors, p.decode_cpus, p.spare_cpus) == expected
+
+
 @pytest.mark.parametrize("kw, cpus, gpus, match", [
-    (dict(num_actors=2), 2, 0, "need 3 CPUs"),  # would starve decode on 2 CPUs and hang
+    (dict(num_actors=2, decode_cpus=1), 2, 0, "need 3 CPUs"),  # would starve decode on 2 CPUs and hang
+    (dict(decode_cpus=1, cpus_per_actor=2), 2, 0, "1 actors x 2 CPU \\+ 1 CPU for decoding need 3 CPUs"),
     (dict(num_actors=3, gpus_per_actor=1), 16, 2, "exceed"),
     (dict(device="cuda"), 4, 0, "no GPUs"),
 ])
@@ -160,7 +179,7 @@ def test_waiting_for_resources_gives_up_with_a_clear_message(ray_cluster):
     from tasks.pipeline import await_placement
 
     assert await_placement(_settings(resource_wait_seconds=5))[1] is False  # fits: no request, no wait
-    with pytest.raises(ResourceError, match=r"need 4 CPUs .* after waiting 3 s"):
+    with pytest.raises(ResourceError, match=r"need 3 CPUs .* after waiting 3 s"):
         await_placement(_settings(num_actors=3, resource_wait_seconds=3))
 
 

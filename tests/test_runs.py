@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 # The actors decode (the CPU layout): every run would otherwise start its decode workers,
 # each importing torch, about 10 s a run on 2 cores. Decode tasks are covered by
 # test_actor_pool.py, test_end_to_end.py and test_cli_runs.py.
-FAST = dict(top_k=3, batch_size=4, cpus_per_actor=0.5, decode_cpus=0.0)
+FAST = dict(top_k=3, batch_size=4, num_actors=1, cpus_per_actor=0.5, decode_cpus=0.0)
 
 
 def _run(**params):
@@ -258,7 +258,7 @@ def test_killed_flow_process_then_rerun_is_exactly_once(ray_address, prefect_har
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "flows.cli", "run", "--input", str(src), "--output", str(out),
            "--model", str(tiny_checkpoint), "--run-id", "flow-kill", "--rows-per-file", "4",
-           "--checkpoint-seconds", "0.5", "--batch-size", "2", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"]
+           "--checkpoint-seconds", "0.5", "--batch-size", "2", "--num-actors", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"]
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "ph"))
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
