@@ -104,7 +104,8 @@ def measure(images: int, batch_size: int, out_dir: str) -> dict:
 
     from deit_model import CheckpointRef
     from tasks.actor_pool import PoolSpec, ScorerPool
-    from tasks.pipeline import Placement, stream_plan
+    from tasks.pipeline import stream_plan
+    from tasks.placement import Placement
     from tasks.schema import OutputSpec
     from tasks.settings import ScoreSettings
     from tasks.write import DatasetWriter

@@ -42,7 +42,7 @@ def test_window_keeps_every_decode_task_busy_within_a_bound(decode_cpus, spare, 
 
 def test_gpu_actors_run_two_calls_at_once_on_uint8_pixels_and_cpu_actors_one_on_float32(tiny_checkpoint):
     from tasks.actor_pool import GPU_CONCURRENCY, pool_spec
-    from tasks.pipeline import Placement
+    from tasks.placement import Placement
 
     settings = ScoreSettings(input="x", output="y", model=str(tiny_checkpoint))
     gpu = pool_spec(settings, "m", None, Placement("cuda", 1.0, 1.0))
@@ -53,7 +53,7 @@ def test_gpu_actors_run_two_calls_at_once_on_uint8_pixels_and_cpu_actors_one_on_
 
 def _setup(tiny_checkpoint, photos, tmp_path, **kw):
     from tasks.enumerate import list_images, plan_table
-    from tasks.pipeline import Placement
+    from tasks.placement import Placement
     from tasks.actor_pool import pool_spec
 
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")

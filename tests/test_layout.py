@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tasks.pipeline import ResourceError, plan_placement
+from tasks.placement import ResourceError, plan_placement
 from tasks.schema import (ERRORS_SCHEMA, OutputSpec, model_slug, partition_dir, predictions_schema, scored_schema,
                           split_scored)
 from tasks.settings import ScoreSettings
@@ -176,7 +176,7 @@ def test_placement_refuses_layouts_that_cannot_run(kw, cpus, gpus, match):
 
 def test_waiting_for_resources_gives_up_with_a_clear_message(ray_cluster):
     """On a cluster that never grows, the autoscaler wait ends in the same refusal, saying it waited."""
-    from tasks.pipeline import await_placement
+    from tasks.placement import await_placement
 
     assert await_placement(_settings(resource_wait_seconds=5))[1] is False  # fits: no request, no wait
     with pytest.raises(ResourceError, match=r"need 3 CPUs .* after waiting 3 s"):
