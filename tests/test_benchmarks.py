@@ -5,6 +5,7 @@ check the pieces its figures rest on, in a few seconds.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -274,6 +275,23 @@ def test_gpu_check_compares_a_device_with_the_cpu(tiny_checkpoint):
     dev = out["device_decode"]
     assert dev["refused"] == 0 and dev["max_level_diff"] == 0 and dev["top1_agree"] == 1 and dev["img_per_s"] > 0
     assert dev["two_threads"]["label_agree"] == 1 and dev["two_threads"]["max_score_diff"] < 1e-6
+    lap = dev["overlap"]  # each alone, then both at once: rates, and the bound of one against the other
+    assert min(lap["decode_alone"], lap["forward_alone"], lap["decode_together"], lap["forward_together"]) > 0
+    assert lap["serial"] < min(lap["decode_alone"], lap["forward_alone"])
+    assert lap["together"] == min(lap["decode_together"], lap["forward_together"])
+
+
+def test_gpu_check_keeps_the_exact_checks_of_every_model_before_device_decode(tiny_checkpoint, tmp_path,
+                                                                            monkeypatch):
+    """A time limit that cuts the run short keeps what matters most: each model's exact pixels first."""
+    order = []
+    monkeypatch.setattr(gpu_check, "_checkpoint", lambda name, root: tiny_checkpoint)
+    monkeypatch.setattr(gpu_check, "check_exact", lambda c, j, d: order.append("exact") or {"pixels_equal": True})
+    monkeypatch.setattr(gpu_check, "check_device_decode", lambda c, j, d: order.append("dd") or {"refused": 0})
+    out = tmp_path / "g.json"
+    assert gpu_check.main(["--device", "cpu", "--model", "a", "b", "--images", "1", "--out", str(out)]) == 0
+    assert order == ["exact", "exact", "dd", "dd"]
+    assert json.loads(out.read_text()) == {m: {"pixels_equal": True, "device_decode": {"refused": 0}} for m in "ab"}
 
 
 def test_driver_stage_carries_replayed_results_into_parquet(ray_cluster, tmp_path):
