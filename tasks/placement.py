@@ -46,7 +46,12 @@ def resolve_layout(settings: ScoreSettings, cpus: float, gpus: float) -> tuple[b
         decode = 1.0 if use_gpu or settings.device == "cuda" else 0.0
     actors = settings.num_actors
     if actors is None:
-        per = gpus // settings.gpus_per_actor if use_gpu else (cpus - decode) // settings.cpus_per_actor
+        if use_gpu:
+            per = gpus // settings.gpus_per_actor
+        elif settings.device == "cuda":  # no GPUs yet to count: one GPU actor is what it asks for
+            per = 1
+        else:
+            per = (cpus - decode) // settings.cpus_per_actor
         actors = max(1, int(per))
     return use_gpu, actors, decode
 

@@ -163,6 +163,14 @@ def test_placement_fills_the_cluster_where_the_layout_is_unset(kw, cpus, gpus, e
     assert (p.device, p.num_actors, p.decode_cpus, p.spare_cpus) == expected
 
 
+def test_layout_for_gpus_that_have_not_joined_yet_asks_for_one_gpu_actor():
+    """device=cuda on a cluster scaled to zero: what the autoscaler is asked for, not one actor per CPU."""
+    from tasks.placement import resolve_layout
+
+    assert resolve_layout(_settings(device="cuda"), cpus=8, gpus=0) == (False, 1, 1.0)
+    assert resolve_layout(_settings(device="cuda", num_actors=4), cpus=8, gpus=0) == (False, 4, 1.0)
+
+
 @pytest.mark.parametrize("kw, cpus, gpus, match", [
     (dict(num_actors=2, decode_cpus=1), 2, 0, "need 3 CPUs"),  # would starve decode on 2 CPUs and hang
     (dict(decode_cpus=1, cpus_per_actor=2), 2, 0, "1 actors x 2 CPU \\+ 1 CPU for decoding need 3 CPUs"),
