@@ -26,6 +26,7 @@ not travel there whole). For each model, on benchmark-sized images:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import tempfile
@@ -63,12 +64,11 @@ def check_exact(ckpt: str, jpegs: list[bytes], device: str) -> dict:
     from deit_model import Scorer, load_preprocessor, resolve_checkpoint, to_model_input
 
     pre, ref, dev = load_preprocessor(ckpt), resolve_checkpoint(ckpt), torch.device(device)
-    pil_images, cpu_pixels = _cpu_reference(pre, jpegs)
+    pil_images, cpu_pixels, cpu = _cpu_reference(ckpt, tuple(jpegs))
     expected = torch.from_numpy(cpu_pixels)
     on_device = to_model_input(pre.to_uint8(pil_images), pre, dev)
     out = {"splits_exactly": pre.splits_exactly(), "pixels_equal": bool(torch.equal(on_device.cpu(), expected)),
            "pixels_max_abs_diff": float((on_device.cpu() - expected).abs().max())}
-    cpu = Scorer(ref, device="cpu", dtype="fp32").score(cpu_pixels)
     out["bf16"] = _agreement(Scorer(ref, device=device, dtype="bf16").score(on_device), cpu)
     out["fp32"] = _agreement(Scorer(ref, device=device, dtype="fp32").score(on_device), cpu)
     return out
@@ -82,9 +82,8 @@ def check_device_decode(ckpt: str, jpegs: list[bytes], device: str) -> dict:
 
     pre, ref, dev = load_preprocessor(ckpt), resolve_checkpoint(ckpt), torch.device(device)
     try:  # its own failure must not cost the exact figures (one device call is all there is)
-        _, cpu_pixels = _cpu_reference(pre, jpegs)
+        _, cpu_pixels, cpu = _cpu_reference(ckpt, tuple(jpegs))
         expected = torch.from_numpy(cpu_pixels)
-        cpu = Scorer(ref, device="cpu", dtype="fp32").score(cpu_pixels)
         fp32 = Scorer(ref, device=device, dtype="fp32")
         decoded, refused = jpegs_to_model_input(jpegs, pre, dev)
         std = torch.tensor(_std(pre)).view(1, -1, 1, 1)  # per channel: back to 8-bit levels
@@ -98,12 +97,16 @@ def check_device_decode(ckpt: str, jpegs: list[bytes], device: str) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def _cpu_reference(pre, jpegs: list[bytes]):
-    """(PIL images, the CPU's whole preprocessing of them): what every device is held to."""
-    from deit_model import decode_image
+@functools.lru_cache(maxsize=None)
+def _cpu_reference(ckpt: str, jpegs: tuple[bytes, ...]):
+    """(PIL images, the CPU's whole preprocessing of them, its fp32 scores on the CPU): what every
+    device is held to. Once per model: the exact and the device-decode checks share it (CaiT-M36's
+    CPU forward pass and its 1 GB of weights are seconds of a device call's time)."""
+    from deit_model import Scorer, decode_image, load_preprocessor, resolve_checkpoint
 
     pil_images = [decode_image(j) for j in jpegs]
-    return pil_images, pre(pil_images)
+    pixels = load_preprocessor(ckpt)(pil_images)
+    return pil_images, pixels, Scorer(resolve_checkpoint(ckpt), device="cpu", dtype="fp32").score(pixels)
 
 
 def _decode_rate(jpegs: list[bytes], pre, device, batch: int = 128, rounds: int = 3) -> float:

@@ -214,10 +214,15 @@ def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarr
         yield {name: chunk.column(name).to_numpy() for name in chunk.column_names}
 
 
+def decode_tasks(decode_cpus: float, spare_cpus: float) -> int:
+    """Decode tasks that run at once on the CPUs the actors leave (none where the actors decode)."""
+    return int(spare_cpus // decode_cpus) if decode_cpus > 0 else 0
+
+
 def window_for(decode_cpus: float, spare_cpus: float, num_actors: int, concurrency: int = 1) -> int:
     """Calls in flight per actor: those it runs at once, one queued, plus one per decode task it can use."""
     least = concurrency + 1
     if decode_cpus <= 0:
         return least
-    tasks = int(spare_cpus // decode_cpus)
+    tasks = decode_tasks(decode_cpus, spare_cpus)
     return max(least, min(MAX_WINDOW, -(-tasks // max(num_actors, 1)) + 1))

@@ -12,7 +12,7 @@ import logging
 import threading
 from concurrent.futures import Future
 
-from .actor_pool import PoolSpec, ScorerPool
+from .actor_pool import PoolSpec, ScorerPool, decode_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -112,4 +112,4 @@ def warm_decode_workers(spec: PoolSpec, decode_cpus: float, spare_cpus: float) -
     if decode_cpus <= 0:
         return []
     task = warm_task_for(decode_cpus)
-    return [task.remote(spec.checkpoint()) for _ in range(int(spare_cpus // decode_cpus))]
+    return [task.remote(spec.checkpoint()) for _ in range(decode_tasks(decode_cpus, spare_cpus))]

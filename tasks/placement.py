@@ -82,12 +82,13 @@ def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
     when a run starts; with ``resource_wait_seconds`` the run asks the
     autoscaler for its actors and decode CPUs and waits for them to join.
     """
+    resources = cluster_resources()
     try:
-        return plan_placement(settings, *cluster_resources()), False
+        return plan_placement(settings, *resources), False
     except ResourceError:
         if settings.resource_wait_seconds <= 0:
             raise
-    _, actors, decode_cpus = resolve_layout(settings, *cluster_resources())
+    _, actors, decode_cpus = resolve_layout(settings, *resources)
     actor = {"CPU": settings.cpus_per_actor}
     if settings.device == "cuda":
         actor["GPU"] = settings.gpus_per_actor
