@@ -71,8 +71,9 @@ class Preprocessor:
 
     def __getstate__(self) -> dict:
         # device tables stay where they were built: a decode worker needs none, and CUDA
-        # tensors must not travel in the pickles that ship this object to Ray's workers
-        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
+        # tensors must not travel in the pickles that ship this object to Ray's workers; nor
+        # does the JPEG decoders' agreement (cpu_jpeg.py), a fact of this process's libraries
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_cpu_jpeg_exact")}
 
     def geometry(self, images: Sequence):
         """:meth:`to_uint8` for uint8 (3, H, W) tensors, on their device (``--device-decode``).

@@ -10,12 +10,12 @@ import functools
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import numpy as np
 
 from deit_model import DecodeError, Preprocessor, decode_image, keep_freed_memory
+from deit_model import cpu_jpeg
 from deit_model import decode as image_decode
 from deit_model.decode import NOT_FOUND, PREPROCESS_ERROR, READ_ERROR, TOO_LARGE, device_jpeg_size
 
@@ -50,8 +50,8 @@ def decode_batch(
     half = (uint8 or device_jpeg) and preprocessor.splits_exactly()
     draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
-    errors, to_pil, jpeg = _sort(_read(uris, storage_options), preprocessor, max_pixels, device_jpeg)
-    rows, dense = _decode_with_pil(to_pil, errors, preprocessor, half, max_pixels, draft_side)
+    errors, on_cpu, jpeg = _sort(_read(uris, storage_options), preprocessor, max_pixels, device_jpeg)
+    rows, dense = decode_on_cpu(on_cpu, errors, preprocessor, half, max_pixels, draft_side)
     out = dict(batch)
     n = len(uris)
     if device_jpeg:
@@ -71,15 +71,13 @@ def decode_batch(
 
 
 def _sort(datas: list[bytes | OSError], preprocessor: Preprocessor, max_pixels: int, device_jpeg: bool):
-    """Rows' read results sorted: (errors with the read failures, rows for PIL, rows for the device).
+    """Rows' read results sorted: (errors with the read failures, rows decoded here, rows for the device).
 
     The device's rows are ``{row: (bytes, (width, height))}``, the sizes read from the headers.
     """
-    def fits(width: int, height: int) -> bool:  # one that does not is PIL's, to become its error row
-        return resize_overflow((width, height), preprocessor, max_pixels) is None
-
+    fits = _fits(preprocessor, max_pixels)
     errors: list[tuple[str, str] | None] = [None] * len(datas)
-    to_pil: dict[int, bytes] = {}
+    on_cpu: dict[int, bytes] = {}
     jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}
     for i, data in enumerate(datas):
         if isinstance(data, OSError):
@@ -88,8 +86,8 @@ def _sort(datas: list[bytes | OSError], preprocessor: Preprocessor, max_pixels: 
         elif device_jpeg and (size := device_jpeg_size(data, max_pixels, fits=fits)):
             jpeg[i] = (data, size)
         else:
-            to_pil[i] = data
-    return errors, to_pil, jpeg
+            on_cpu[i] = data
+    return errors, on_cpu, jpeg
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,45 +113,63 @@ def jpeg_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
     return batch["jpeg_data"][lo:hi] if hi > lo else None
 
 
-def _decode_with_pil(datas: dict[int, bytes], errors: list, preprocessor: Preprocessor, uint8: bool,
-                     max_pixels: int, draft_side: int | None) -> tuple[list[int], np.ndarray]:
+def decode_on_cpu(datas: dict[int, bytes], errors: list, preprocessor: Preprocessor, uint8: bool,
+                  max_pixels: int, draft_side: int | None) -> tuple[list[int], np.ndarray]:
     """Decode and preprocess rows' bytes: (the decoded rows, their pixels in that order).
 
     A row that fails gets its error in ``errors`` (and zero pixels if its preprocessing failed).
     Images are preprocessed in chunks of at most ``CHUNK_PIXELS`` decoded pixels (deit_model.decode), so a batch
     of phone photos never holds all its full-size images at once; a batch of small images is
-    one chunk, whose pixels come back as the preprocessing made them (no copy).
+    one chunk, whose pixels come back as the preprocessing made them (no copy). Plain JPEGs
+    are decoded by torchvision where that gives this preprocessing PIL's pixels
+    (deit_model.cpu_jpeg), the rest by PIL.
     """
     preprocess, dtype = (preprocessor.to_uint8, np.uint8) if uint8 else (preprocessor, np.float32)
+    plain_jpeg = draft_side is None and cpu_jpeg.exact_for(preprocessor)
     rows: list[int] = []
     parts: list[np.ndarray] = []
     chunk: dict[int, Any] = {}
     in_chunk = 0  # decoded pixels in ``chunk``
     for i, data in datas.items():
         try:
-            image = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
-            overflow = resize_overflow(image.size, preprocessor, max_pixels)
-            if overflow:
-                raise DecodeError(TOO_LARGE, overflow)
+            image, (width, height) = _decode_one(data, preprocessor, max_pixels, draft_side, plain_jpeg)
         except DecodeError as exc:
             errors[i] = (exc.error_type, str(exc))
             continue
-        pixels = image.width * image.height
-        if chunk and in_chunk + pixels > image_decode.CHUNK_PIXELS:
+        if chunk and in_chunk + width * height > image_decode.CHUNK_PIXELS:
             parts.append(_preprocess_chunk(chunk, preprocess, errors, preprocessor, dtype))
             chunk, in_chunk = {}, 0  # the chunk's full-size images are freed here, before the next is decoded
         chunk[i] = image
-        in_chunk += pixels
+        in_chunk += width * height
         rows.append(i)
     if chunk or not parts:
         parts.append(_preprocess_chunk(chunk, preprocess, errors, preprocessor, dtype))
     return rows, parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def _decode_one(data: bytes, preprocessor: Preprocessor, max_pixels: int, draft_side: int | None,
+                plain_jpeg: bool) -> tuple[Any, tuple[int, int]]:
+    """One image as (an RGB PIL image or uint8 (3, H, W) tensor, (width, height)), or a DecodeError."""
+    if plain_jpeg and device_jpeg_size(data, max_pixels, fits=_fits(preprocessor, max_pixels)):
+        pixels = cpu_jpeg.decode_rgb(data)
+        if pixels is not None:
+            return pixels, (pixels.shape[2], pixels.shape[1])
+    image = decode_image(data, max_pixels=max_pixels, draft_side=draft_side)
+    overflow = resize_overflow(image.size, preprocessor, max_pixels)
+    if overflow:
+        raise DecodeError(TOO_LARGE, overflow)
+    return image, image.size
+
+
 def _preprocess_chunk(chunk: dict[int, Any], preprocess, errors: list, preprocessor: Preprocessor,
                       dtype) -> np.ndarray:
     shape = (len(chunk), *preprocessor.input_shape())
     return _preprocess(list(chunk.values()), list(chunk), preprocess, errors, shape, dtype)
+
+
+def _fits(preprocessor: Preprocessor, max_pixels: int):
+    """The header check's ``fits(width, height)``: one that does not is PIL's, to become its error row."""
+    return lambda width, height: resize_overflow((width, height), preprocessor, max_pixels) is None
 
 
 def resize_overflow(size: tuple[int, int], preprocessor: Preprocessor, max_pixels: int) -> str | None:
@@ -168,61 +184,6 @@ def resize_overflow(size: tuple[int, int], preprocessor: Preprocessor, max_pixel
         return None
     return (f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels before the crop, "
             f"over the limit of {max_pixels}")
-
-
-def device_model_input(batch: dict[str, np.ndarray], preprocessor: Preprocessor, device) -> tuple[dict, Any]:
-    """The model input of a ``device_jpeg`` batch, on ``device``, and the batch with its final errors.
-
-    Its JPEGs are decoded and preprocessed on the device, its other rows'
-    uint8 pixels normalised there; an image the device decoder refuses is
-    decoded by PIL here instead, and an error row if PIL fails too. Returns
-    ``(batch, x)``: x holds one row per ``batch["decoded"]`` row, in order
-    (None when there is none).
-    """
-    import torch
-
-    from deit_model import jpegs_to_model_input, to_model_input
-
-    ok = np.asarray(batch["decoded"], dtype=bool)
-    pixels = batch["pixels"].copy()
-    jpegs = {i: j for i in np.flatnonzero(ok) if (j := jpeg_of(batch, i)) is not None}
-    on_device = list(jpegs)
-    x_dev, refused = jpegs_to_model_input(list(jpegs.values()), preprocessor, device,
-                                          pixels=[int(batch["jpeg_pixels"][i]) for i in jpegs])
-    if refused:
-        gone = {on_device[j] for j in refused}
-        batch = _decode_refused(batch, pixels, {i: jpegs[i].tobytes() for i in sorted(gone)}, preprocessor)
-        ok = batch["decoded"]
-        on_device = [i for i in on_device if i not in gone]
-    rows = np.flatnonzero(ok)
-    if not len(rows):
-        return batch, None
-    if len(on_device) == len(rows):  # the usual batch: all JPEGs, already in order
-        return batch, x_dev
-    x = torch.empty((len(rows), *preprocessor.input_shape()), dtype=torch.float32, device=device)
-    where = {row: k for k, row in enumerate(rows)}
-    if on_device:
-        x[[where[i] for i in on_device]] = x_dev
-    on_cpu = [i for i in rows if pixels[i] is not None]
-    if on_cpu:
-        x[[where[i] for i in on_cpu]] = to_model_input(np.stack([pixels[i] for i in on_cpu]), preprocessor, device)
-    return batch, x
-
-
-def _decode_refused(batch: dict, pixels: np.ndarray, refused: dict[int, bytes], preprocessor: Preprocessor) -> dict:
-    """PIL for the JPEGs the device decoder refused: their uint8 pixels into ``pixels``, or error rows."""
-    batch = {**batch, "decoded": np.array(batch["decoded"], dtype=bool),
-             "error_type": np.array(batch["error_type"], dtype=object),
-             "error_message": np.array(batch["error_message"], dtype=object)}
-    errors: list = [None] * len(batch["uri"])
-    # the pixel limit was checked on the headers (device_decodable): no second limit here
-    rows, dense = _decode_with_pil(refused, errors, preprocessor, True, sys.maxsize, None)
-    for j, i in enumerate(rows):
-        pixels[i] = dense[j] if errors[i] is None else None
-    for i in refused:
-        if errors[i] is not None:
-            batch["decoded"][i], (batch["error_type"][i], batch["error_message"][i]) = False, errors[i]
-    return batch
 
 
 def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSError]:
@@ -275,14 +236,17 @@ def warm_task_for(num_cpus: float):
     """A task shaped like :func:`decode_task_for`'s that readies its worker: ``task.remote(checkpoint)``.
 
     It imports the model libraries and loads the checkpoint's preprocessing (checking its
-    split) into the worker's cache, which each decode worker otherwise does on its first batch.
+    split, and which JPEG decoder gives its pixels) into the worker's cache, which each decode
+    worker otherwise does on its first batch.
     """
     return decode_task_for(num_cpus, _warm)
 
 
 def _warm(checkpoint: tuple) -> int:
     """Ready this worker for decode tasks of ``checkpoint``; return its process id."""
-    _preprocessor(*checkpoint).splits_exactly()
+    preprocessor = _preprocessor(*checkpoint)
+    preprocessor.splits_exactly()
+    cpu_jpeg.exact_for(preprocessor)
     return os.getpid()
 
 

@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from .decode import decode_batch, device_model_input
+from .decode import decode_batch
+from .device_jpeg import device_model_input
 from .plan import CheckpointChanged
 from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
 

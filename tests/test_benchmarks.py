@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import actor_loop  # noqa: E402
 import decode_stage  # noqa: E402
 import driver_stage  # noqa: E402
 import gpu_check  # noqa: E402
@@ -244,7 +245,8 @@ def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
     """The decode-stage figures of docs/scale.md: the same images as float32 and as a quarter of the bytes."""
     uris = sorted(str(p) for p in photos.iterdir())
     out = decode_stage.measure_decode(uris, str(tiny_checkpoint), batch_size=2, rounds=1)
-    assert out["images"] == len(uris) and out["splits_exactly"] is True
+    assert out["images"] == len(uris) and out["splits_exactly"] is True and out["plain_jpegs_by_torchvision"] is True
+    assert out["float32_pil"]["bytes_per_image"] == out["float32"]["bytes_per_image"]
     assert out["float32"]["bytes_per_image"] == 3 * 224 * 224 * 4 == 4 * out["uint8"]["bytes_per_image"]
     assert out["float32"]["ms_per_image"] > 0 and out["uint8"]["ms_per_image"] > 0 and out["finish_ms_per_image"] > 0
     # --device-decode: the JPEGs' own bytes go on, the PNGs as uint8 pixels
@@ -252,6 +254,16 @@ def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
     offsets = len(uris) // 2 * (3 + 2) * 8  # batches of 2: 3 int64 offsets and 2 pixel counts each
     sent = sum(p.stat().st_size for p in jpegs) + (len(uris) - len(jpegs)) * out["uint8"]["bytes_per_image"] + offsets
     assert out["device_jpeg"]["bytes_per_image"] == sent // len(uris) and out["device_finish_ms_per_image"] > 0
+
+
+def test_actor_loop_takes_a_decoding_actors_time_apart(tiny_checkpoint, photos):
+    """benchmarks/actor_loop.py: the forward pass alone and after a decode, and the decode, in a real process."""
+    uris = sorted(str(p) for p in photos.iterdir())
+    out = actor_loop.measure(uris, str(tiny_checkpoint), processes=1, batch_size=2, rounds=1, batches=3)
+    part = out["per_process"][0]
+    assert set(part) == {"forward", "decode", "score_after_decode"} and all(v > 0 for v in part.values())
+    assert out["cap"] == pytest.approx(part["forward"] / (part["score_after_decode"] + part["decode"]))
+    assert 0 < out["cap"] < 1  # decoding a photo takes time that the forward pass alone does not
 
 
 def test_ours_runs_as_a_module_where_the_command_is_not_installed(tmp_path, monkeypatch):

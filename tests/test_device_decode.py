@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from deit_model import create_random_checkpoint, create_random_timm_checkpoint, device_decodable, load_preprocessor
-from tasks.decode import decode_batch, device_model_input, jpeg_of
+from tasks.decode import decode_batch, jpeg_of
+from tasks.device_jpeg import device_model_input
 
 from .conftest import TINY_OVERRIDES
 
