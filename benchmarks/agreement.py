@@ -50,6 +50,7 @@ BEGIN, END = "<!-- agreement:begin -->", "<!-- agreement:end -->"
 
 
 def sources() -> list[tuple[str, Path]]:
+    """The real photographs the tables use: (name, path), from scikit-learn and scikit-image."""
     import sklearn
     import skimage.data
 
@@ -61,6 +62,7 @@ def sources() -> list[tuple[str, Path]]:
 
 
 def to_jpeg(img: Image.Image, size=None) -> bytes:
+    """``img`` as JPEG bytes, resized to ``size`` first (LANCZOS) when given."""
     if size:
         img = img.resize(size, Image.LANCZOS)
     buf = io.BytesIO()
@@ -69,6 +71,7 @@ def to_jpeg(img: Image.Image, size=None) -> bytes:
 
 
 def build_images() -> list[dict]:
+    """Each photo as three JPEGs: the original file (a PNG re-encoded), 500 px on its long side, and 12 MP."""
     out = []
     for name, path in sources():
         img = Image.open(path).convert("RGB")
@@ -83,6 +86,7 @@ def build_images() -> list[dict]:
 
 
 def median_ms(fn, repeats=3) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, in ms."""
     return statistics.median(timeit.repeat(fn, timer=time.perf_counter, number=1, repeat=repeats)) * 1e3
 
 
@@ -150,11 +154,13 @@ HDR = ("| {} | n | top-1 agree | top-5 overlap | emb cos min | emb cos mean | ma
 
 
 def row(label, c) -> str:
+    """One markdown table row of the agreement figures ``c``."""
     return (f"| {label} | {c['n']} | {c['top1']:.3f} | {c['top5']:.3f} | {c['cos_min']:.6f} | "
             f"{c['cos_mean']:.6f} | {c['dp']:.2e} | {c['p1']:.4f} | {c['margin']:.2e} |")
 
 
 def fast_table(title, a, b, rows) -> list[str]:
+    """Markdown lines: fast decode against exact decode, per image group."""
     lines = [f"**{title}**: fast decode vs exact decode (reference: exact), fp32, CPU", "", HDR.format("group")]
     for g in GROUPS:
         idx = [i for i, r in enumerate(rows) if r["group"] == g]
@@ -165,6 +171,7 @@ def fast_table(title, a, b, rows) -> list[str]:
 
 
 def dtype_table(title, ckpt, px, ref) -> list[str]:
+    """Markdown lines: each dtype against fp32 on the same pixels."""
     lines = [f"**{title}**: dtype vs fp32 on CPU, same exact-decoded pixels "
              f"(ms/image = one pass in batches of 8, warm-up included; fp32 {ref[2]:.0f} ms/image)", "",
              HDR.format("dtype")]
@@ -178,6 +185,7 @@ def dtype_table(title, ckpt, px, ref) -> list[str]:
 
 
 def decode_tables(dec_hf, dec_timm) -> list[str]:
+    """Markdown lines: decoded sizes and times per image, fast and exact."""
     lines = ["**Decode sizes and time per image** (ms, median of 3; preprocessing = the model's own transform "
              "of that one decoded image; input mean abs diff = mean |fast - exact| of the preprocessed 224x224 "
              "model input, in 8-bit levels, independent of the weights)", "",
@@ -207,6 +215,7 @@ def decode_tables(dec_hf, dec_timm) -> list[str]:
 
 
 def machine() -> str:
+    """One line naming the CPU and the library versions, for the tables' heading."""
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     import timm
     import transformers
@@ -226,6 +235,7 @@ def load() -> str:
 
 
 def main() -> None:
+    """Build the images, run every comparison and write the tables to ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="markdown file to write the tables to")
     ap.add_argument("--smoke", action="store_true", help="2-layer models, to test the script only")

@@ -169,9 +169,6 @@ def _overlap(jpegs: list[bytes], pre, scorer, device, batch: int = 128, seconds:
     process-wide lock and its stream synchronisations, or the GPU itself). The first H200 run's
     actor made 1.08x ``serial`` (docs/benchmarks.md); this separates the decode from the rest.
     """
-    import threading
-    import time
-
     from deit_model import jpegs_to_model_input
 
     data = (jpegs * (batch // len(jpegs) + 1))[:batch]
@@ -187,27 +184,8 @@ def _overlap(jpegs: list[bytes], pre, scorer, device, batch: int = 128, seconds:
         with scorer.stream():
             scorer.score(x)  # its results come back to the host: synchronised
 
-    def loop(work, stop: threading.Event, done: list) -> None:
-        while not stop.is_set():
-            work()
-            done.append(time.perf_counter())
-
-    def rates(*works) -> list[float]:
-        for work in works:
-            work()  # warm-up, not counted
-        stop, done = threading.Event(), [[] for _ in works]
-        threads = [threading.Thread(target=loop, args=(w, stop, d)) for w, d in zip(works, done)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join()
-        return [len(d) * batch / (d[-1] - start) if d else 0.0 for d in done]
-
-    (decode_alone,), (forward_alone,) = rates(decode), rates(forward)
-    decode_both, forward_both = rates(decode, forward)
+    (decode_alone,), (forward_alone,) = _rates([decode], batch, seconds), _rates([forward], batch, seconds)
+    decode_both, forward_both = _rates([decode, forward], batch, seconds)
     serial = 1 / (1 / decode_alone + 1 / forward_alone)
     # an actor needs both for every image: the slower of the two, run together, bounds it
     together = min(decode_both, forward_both)
@@ -215,6 +193,30 @@ def _overlap(jpegs: list[bytes], pre, scorer, device, batch: int = 128, seconds:
             "decode_together": decode_both, "forward_together": forward_both, "serial": serial,
             "together": together, "together_over_serial": together / serial,
             "together_over_forward_alone": together / forward_alone}
+
+
+def _rates(works: list, batch: int, seconds: float) -> list[float]:
+    """Images per second of each of ``works`` (one batch a call), run together on a thread each for ``seconds``."""
+    import threading
+    import time
+
+    def loop(work, stop: threading.Event, done: list) -> None:
+        while not stop.is_set():
+            work()
+            done.append(time.perf_counter())
+
+    for work in works:
+        work()  # warm-up, not counted
+    stop, done = threading.Event(), [[] for _ in works]
+    threads = [threading.Thread(target=loop, args=(w, stop, d)) for w, d in zip(works, done)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return [len(d) * batch / (d[-1] - start) if d else 0.0 for d in done]
 
 
 def _sync(device) -> None:

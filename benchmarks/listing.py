@@ -79,6 +79,7 @@ def measure(images: Path, output: Path) -> dict:
 
 
 def run_child(images: Path, output: Path) -> dict:
+    """:func:`measure` in a fresh interpreter (its own peak memory), as a dict."""
     code = (f"import json,sys; sys.path.insert(0,{str(Path(__file__).parent)!r}); import listing; "
             f"print(json.dumps(listing.measure(__import__('pathlib').Path({str(images)!r}), "
             f"__import__('pathlib').Path({str(output)!r}))))")
@@ -87,6 +88,7 @@ def run_child(images: Path, output: Path) -> dict:
 
 
 def main() -> None:
+    """Make a tree of each ``--counts`` size; measure a first run's and a nightly run's listing and planning."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--root", default=None, help="where to create the trees (default: a temp dir)")

@@ -132,6 +132,7 @@ def _ratio(ours: dict, other: float | None) -> str:
 
 
 def format_report(cfg, meta: dict, blocks: list[dict]) -> str:
+    """The run as markdown: heading, command, commit, hardware, each model's table and ratios."""
     hw = meta["hardware"]
     lines = [f"### Run of {meta['date']}", "",
              f"- Command: `{meta['command']}`", f"- Commit: `{meta['commit']}`",

@@ -100,6 +100,7 @@ def _read_marks(proc: subprocess.Popen, t0: float, marks: dict[str, float], firs
 
 
 def main() -> None:
+    """Run ours ``--runs`` times with every process's CPU sampled; print the milestones and CPU by process."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True)
     parser.add_argument("--model", required=True)

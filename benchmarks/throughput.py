@@ -129,6 +129,7 @@ def measure_ours(cfg, ckpt: Path, dtype: str, source: str, n: int, storage_optio
 
 
 def measure_baseline(cfg, ckpt: Path, dtype: str, root: Path, n: int) -> dict:
+    """The naive baseline (transformers' ``pipeline`` loop) over ``n`` local images, in a child process."""
     out = cfg.workdir / "outputs" / f"baseline-{time.time_ns()}"
     out.mkdir(parents=True)
     run = run_child("baseline", {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "images": str(root),
@@ -142,6 +143,7 @@ def measure_baseline(cfg, ckpt: Path, dtype: str, root: Path, n: int) -> dict:
 
 
 def measure_peer(cfg, ckpt: Path, dtype: str, source: str, n: int, endpoint: str) -> dict:
+    """Ray Data's batch-inference recipe over ``n`` images from ``source``, in a child process."""
     out = cfg.workdir / "outputs" / f"peer-{time.time_ns()}"
     marks = out.with_suffix(".marks")
     # pyarrow's S3 filesystem takes no scheme in the URI when given a filesystem
@@ -236,6 +238,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the stages the options ask for and write the report."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     # a SIGTERM (device_run.sh's `timeout`) unwinds, so run_measured kills the running stage's
