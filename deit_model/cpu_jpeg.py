@@ -85,8 +85,8 @@ def _check(preprocessor) -> bool:
     tensors = [decode_rgb(p) if device_jpeg_size(p) else None for p in probes]
     if not all(t is not None and np.array_equal(np.asarray(img), t.permute(1, 2, 0).numpy())
                for img, t in zip(pil, tensors)):
-        logger.warning("torchvision's libjpeg-turbo decodes the probe JPEGs differently from PIL's here; "
-                       "PIL decodes every image (slower, the same scores)")
+        logger.warning("torchvision's libjpeg-turbo decodes the probe JPEGs differently from PIL's here (or "
+                       "its image extension is missing); PIL decodes every image (slower, the same scores)")
         return False
     try:
         same = np.array_equal(preprocessor(pil), preprocessor(tensors))
