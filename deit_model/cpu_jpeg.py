@@ -4,16 +4,17 @@ Pillow and torchvision each bundle a build of libjpeg-turbo, whose default
 decode (the accurate integer IDCT, fancy chroma upsampling) is the same integer
 arithmetic in every build and SIMD flavour. So the two decode a plain JPEG (what
 :func:`~deit_model.decode.device_jpeg_size` accepts: baseline, 3-channel YCbCr,
-upright, complete) to the same RGB pixels, and torchvision hands them over as the
-contiguous (3, H, W) uint8 tensor that the torchvision-backed image processors
-would otherwise make of a PIL image by copying its channel planes. For a 500x375
-JPEG that is 1.21 ms of a core against 1.49 to decode with PIL and 0.25 to copy
-(docs/scale.md).
+upright, complete) to the same RGB pixels. torchvision hands them over as a uint8
+(3, H, W) view of its (H, W, 3) buffer: the layout transformers 5.17's processor
+takes as it is, and which 5.24 and later copy contiguous themselves, as they would
+a PIL image's array (0.2 ms), instead of our copy of PIL's channel planes. For a
+500x375 JPEG the decode is 1.21 ms of a core against 1.49 with PIL; the whole
+decode stage costs 6 % less (docs/scale.md).
 
 Whether that holds here is checked, not assumed: once per preprocessor, probe
 JPEGs of several subsamplings, qualities and sizes are decoded both ways and
-preprocessed (:func:`exact_for`); any difference in a pixel or in the model input
-turns this path off for that preprocessor, with a warning. ``DEIT_JPEG_DECODER=pil``
+preprocessed (:func:`exact_for`); any difference in a pixel (logged as a warning) or
+in the model input turns this path off for that preprocessor. ``DEIT_JPEG_DECODER=pil``
 turns it off everywhere. Everything else (other formats, progressive, greyscale,
 CMYK, rotated, truncated files, or an image torchvision refuses) is PIL's, so it
 decodes, or fails with its error row, as it did before.
@@ -47,7 +48,7 @@ def exact_for(preprocessor) -> bool:
 
 
 def decode_rgb(data: bytes):
-    """A plain JPEG's pixels as a contiguous uint8 (3, H, W) tensor, or None where torchvision refuses it."""
+    """A plain JPEG's pixels as a uint8 (3, H, W) channels-last view, or None where torchvision refuses it."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
