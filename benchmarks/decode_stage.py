@@ -8,7 +8,8 @@ each, on the same images:
 1. ``decode``: ``tasks.decode.decode_batch`` over the images in one thread
    (read, decode, preprocess), float32 pixels and uint8 pixels, each with plain JPEGs
    decoded by torchvision where exact (the default, deit_model/cpu_jpeg.py) and by PIL
-   alone (``_pil``); and with
+   alone (``_pil``), and with transformers' steps run on channels-last batches where exact
+   (the default, deit_model/hf_steps.py) and by the processor's own call (``_library``); and with
    ``device_jpeg`` (``--device-decode``: read and check the headers only);
 2. ``finish``: what the actor then does to uint8 pixels on the CPU
    (``to_model_input``: normalise), per image; and to device-decode JPEGs
@@ -39,9 +40,11 @@ def _batches(uris: list[str], size: int) -> list[dict]:
     return [{"uri": np.array(uris[i:i + size], dtype=object)} for i in range(0, len(uris), size)]
 
 
-# (name, decode_batch's options, deit_model.cpu_jpeg.ENV): "_pil" has PIL decode every image
-_MODES = (("float32", {}, "auto"), ("float32_pil", {}, "pil"), ("uint8", {"uint8": True}, "auto"),
-          ("uint8_pil", {"uint8": True}, "pil"), ("device_jpeg", {"device_jpeg": True}, "auto"))
+# (name, decode_batch's options, switches): "_pil" has PIL decode every image (deit_model/cpu_jpeg.py),
+# "_library" has transformers' processor run its own call (deit_model/hf_steps.py)
+_MODES = (("float32", {}, {}), ("float32_pil", {}, {"jpeg": "pil"}), ("float32_library", {}, {"steps": "library"}),
+          ("uint8", {"uint8": True}, {}), ("uint8_pil", {"uint8": True}, {"jpeg": "pil"}),
+          ("uint8_library", {"uint8": True}, {"steps": "library"}), ("device_jpeg", {"device_jpeg": True}, {}))
 
 
 def measure_decode(uris: list[str], model: str, batch_size: int = 64, rounds: int = 3) -> dict:
@@ -52,7 +55,7 @@ def measure_decode(uris: list[str], model: str, batch_size: int = 64, rounds: in
     """
     import torch
 
-    from deit_model import cpu_jpeg, create_preprocessor, to_model_input
+    from deit_model import cpu_jpeg, create_preprocessor, hf_steps, to_model_input
     from tasks.decode import decode_batch
     from tasks.device_jpeg import device_model_input
 
@@ -61,18 +64,21 @@ def measure_decode(uris: list[str], model: str, batch_size: int = 64, rounds: in
     options = {"preprocessor": pre, "max_pixels": 10**9, "fast_decode": False, "storage_options": {}}
     decode_batch(_batches(uris, 4)[0], **options, uint8=True)  # warm-up: first calls load codecs
     out: dict = {"images": len(uris), "rounds": rounds, "splits_exactly": pre.splits_exactly(),
-                 "plain_jpegs_by_torchvision": cpu_jpeg.exact_for(pre)}
+                 "plain_jpegs_by_torchvision": cpu_jpeg.exact_for(pre),
+                 "steps_on_channels_last_batches": pre.__dict__.get("_steps_exact", False)}
     decoded: dict[str, list] = {}
+    switches = {"jpeg": cpu_jpeg.ENV, "steps": hf_steps.ENV}
     for _ in range(rounds):
-        for name, mode, decoder in _MODES:
-            os.environ[cpu_jpeg.ENV] = decoder
+        for name, mode, switched in _MODES:
+            os.environ.update({var: switched.get(key, "auto") for key, var in switches.items()})
             start, decoded[name] = time.perf_counter(), []
             for batch in _batches(uris, batch_size):
                 decoded[name].append(decode_batch(batch, **options, **mode))
             ms = 1000 * (time.perf_counter() - start) / len(uris)
             best = out.get(name, {}).get("ms_per_image", ms)
             out[name] = {"ms_per_image": min(ms, best), "bytes_per_image": _bytes(decoded[name]) // len(uris)}
-    os.environ.pop(cpu_jpeg.ENV)
+    for var in switches.values():
+        os.environ.pop(var)
     cpu = torch.device("cpu")
     out["finish_ms_per_image"] = _ms(lambda b: to_model_input(b["pixel_values"], pre, cpu), decoded["uint8"])
     out["device_finish_ms_per_image"] = _ms(lambda b: device_model_input(b, pre, cpu), decoded["device_jpeg"])

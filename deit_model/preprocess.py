@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import hf_steps
 from .loading import ModelLoadError
 from .model import inspect_checkpoint
 
@@ -72,8 +73,9 @@ class Preprocessor:
     def __getstate__(self) -> dict:
         # device tables stay where they were built: a decode worker needs none, and CUDA
         # tensors must not travel in the pickles that ship this object to Ray's workers; nor
-        # does the JPEG decoders' agreement (cpu_jpeg.py), a fact of this process's libraries
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_cpu_jpeg_exact")}
+        # do the JPEG decoders' agreement (cpu_jpeg.py) and the steps' (hf_steps.py), facts of
+        # this process's libraries
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_cpu_jpeg_exact", "_steps_exact")}
 
     def geometry(self, images: Sequence):
         """:meth:`to_uint8` for uint8 (3, H, W) tensors, on their device (``--device-decode``).
@@ -132,10 +134,24 @@ class HFPreprocessor(Preprocessor):
     def __call__(self, images: Sequence) -> np.ndarray:
         if not images:
             return np.zeros((0, *self.input_shape()), dtype=np.float32)
+        out = self._steps(images, values=True)
+        return self._library(images) if out is None else out.numpy()
+
+    def to_uint8(self, images: Sequence) -> np.ndarray:
+        out = self._steps(images, values=False)
+        return self._library_uint8(images) if out is None else out.numpy()
+
+    def _steps(self, images: Sequence, values: bool):
+        """The processor's steps on channels-last batches (hf_steps.py), where exact here; else None."""
+        if not hf_steps.exact_for(self, self._library, self._library_uint8):
+            return None
+        return hf_steps.run(self.processor, images, values)
+
+    def _library(self, images: Sequence) -> np.ndarray:
         out = self.processor(**self._inputs(images), return_tensors="pt")["pixel_values"]
         return out.numpy().astype(np.float32, copy=False)
 
-    def to_uint8(self, images: Sequence) -> np.ndarray:
+    def _library_uint8(self, images: Sequence) -> np.ndarray:
         return self.geometry(images).numpy()
 
     def geometry(self, images: Sequence):

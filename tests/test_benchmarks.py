@@ -246,7 +246,10 @@ def test_decode_stage_measures_both_pixel_types(tiny_checkpoint, photos):
     uris = sorted(str(p) for p in photos.iterdir())
     out = decode_stage.measure_decode(uris, str(tiny_checkpoint), batch_size=2, rounds=1)
     assert out["images"] == len(uris) and out["splits_exactly"] is True and out["plain_jpegs_by_torchvision"] is True
-    assert out["float32_pil"]["bytes_per_image"] == out["float32"]["bytes_per_image"]
+    assert out["steps_on_channels_last_batches"] is True
+    for alt in ("pil", "library"):
+        assert out[f"float32_{alt}"]["bytes_per_image"] == out["float32"]["bytes_per_image"]
+        assert out[f"uint8_{alt}"]["bytes_per_image"] == out["uint8"]["bytes_per_image"]
     assert out["float32"]["bytes_per_image"] == 3 * 224 * 224 * 4 == 4 * out["uint8"]["bytes_per_image"]
     assert out["float32"]["ms_per_image"] > 0 and out["uint8"]["ms_per_image"] > 0 and out["finish_ms_per_image"] > 0
     # --device-decode: the JPEGs' own bytes go on, the PNGs as uint8 pixels
