@@ -65,7 +65,7 @@ def measure_decode(uris: list[str], model: str, batch_size: int = 64, rounds: in
     decode_batch(_batches(uris, 4)[0], **options, uint8=True)  # warm-up: first calls load codecs
     out: dict = {"images": len(uris), "rounds": rounds, "splits_exactly": pre.splits_exactly(),
                  "plain_jpegs_by_torchvision": cpu_jpeg.exact_for(pre),
-                 "steps_on_channels_last_batches": pre.__dict__.get("_steps_exact", False)}
+                 "steps_on_channels_last_batches": pre.channels_last_steps()}
     decoded: dict[str, list] = {}
     switches = {"jpeg": cpu_jpeg.ENV, "steps": hf_steps.ENV}
     for _ in range(rounds):

@@ -91,6 +91,10 @@ class Preprocessor:
             self._splits = _check_split(self)
         return self._splits
 
+    def channels_last_steps(self) -> bool:
+        """Whether the library's steps run on channels-last batches here (transformers', hf_steps.py)."""
+        return False
+
     def to_dict(self) -> dict:
         """The preprocessing configuration, for the output's lineage."""
         raise NotImplementedError
@@ -141,11 +145,15 @@ class HFPreprocessor(Preprocessor):
         out = self._steps(images, values=False)
         return self._library_uint8(images) if out is None else out.numpy()
 
+    def channels_last_steps(self) -> bool:
+        """Whether the processor's steps run on channels-last batches here (hf_steps.py) instead of its call."""
+        # they help only where the processor's call copies each image contiguous (transformers 5.24+);
+        # 5.17's keeps the channels-last view and is faster itself (1.79 against 1.96 ms to uint8)
+        return self._convert is hf_steps.planar_tensors and hf_steps.exact_for(self, self._library, self._library_uint8)
+
     def _steps(self, images: Sequence, values: bool):
-        """The processor's steps on channels-last batches (hf_steps.py), where exact here; else None."""
-        if not hf_steps.exact_for(self, self._library, self._library_uint8):
-            return None
-        return hf_steps.run(self.processor, images, values)
+        """:func:`hf_steps.run` where :meth:`channels_last_steps`; else None."""
+        return hf_steps.run(self.processor, images, values) if self.channels_last_steps() else None
 
     def _library(self, images: Sequence) -> np.ndarray:
         out = self.processor(**self._inputs(images), return_tensors="pt")["pixel_values"]
@@ -176,8 +184,8 @@ class HFPreprocessor(Preprocessor):
         (a channels-last view, which its uint8 resize takes without a copy); 5.24 makes every
         input contiguous, by a strided copy that is slow (0.6 ms of a core for a 500x375 image).
         Whichever this processor does, it is handed that tensor ready-made (the view,
-        :func:`_channels_last`, or the contiguous one built fast from PIL's channel planes,
-        :func:`_planar`), so it skips the step: the same pixels bit for bit
+        :func:`~.hf_steps.channels_last_views`, or the contiguous one built fast from PIL's channel
+        planes, :func:`~.hf_steps.planar_tensors`), so it skips the step: the same pixels bit for bit
         (tests/test_scorer.py), 1.34x faster to uint8 with 5.24 (docs/models.md).
         """
         import torch
@@ -188,7 +196,7 @@ class HFPreprocessor(Preprocessor):
         except Exception:  # noqa: BLE001 - another backend: it gets the PIL images themselves
             logger.debug("processor has no torchvision process_image", exc_info=True)
             return None
-        return _channels_last if kept else _planar
+        return hf_steps.channels_last_views if kept else hf_steps.planar_tensors
 
     def _value_steps(self, x):
         p = self.processor  # the torchvision backend's fused rescale-and-normalise, as __call__ runs it
@@ -210,34 +218,6 @@ class HFPreprocessor(Preprocessor):
             crop = dict(getattr(self.processor, "crop_size", None) or {})
             sides = [crop.get("height", 0), crop.get("width", 0)]
         return int(max(sides))
-
-
-def _planar(images: Sequence) -> list:
-    """RGB PIL images as contiguous uint8 (3, H, W) tensors, each channel plane copied whole."""
-    import torch
-
-    def planes(img):
-        # PIL's raw encoder extracts one band straight to bytes: 0.34 ms for 500x375 against
-        # 0.55 through Image.split (a band image each, then its bytes)
-        out = np.empty((3, img.height, img.width), dtype=np.uint8)
-        for c, band in enumerate("RGB"):
-            out[c] = np.frombuffer(img.tobytes("raw", band), dtype=np.uint8).reshape(img.height, img.width)
-        return torch.from_numpy(out)
-
-    return _rgb_to_tensors(images, planes)
-
-
-def _channels_last(images: Sequence) -> list:
-    """RGB PIL images as uint8 (3, H, W) views of their (H, W, 3) arrays (no copy beyond PIL's)."""
-    import torch
-
-    return _rgb_to_tensors(images, lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1))
-
-
-def _rgb_to_tensors(images: Sequence, convert) -> list:
-    from PIL import Image
-
-    return [convert(img) if isinstance(img, Image.Image) and img.mode == "RGB" else img for img in images]
 
 
 def _check_split(pre: Preprocessor) -> bool:

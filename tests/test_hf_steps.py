@@ -37,12 +37,15 @@ def test_the_steps_give_the_processors_own_output_bit_for_bit(tiny_checkpoint, m
     real = hf_steps.run
     monkeypatch.setattr(hf_steps, "run", lambda *a, **kw: ran.append(1) or real(*a, **kw))
     assert hf_steps.exact_for(pre, pre._library, pre._library_uint8) and ran  # the check runs them too
-    ran.clear()
-    whole, half = pre(images), pre.to_uint8(images)
-    assert len(ran) == 2  # both through the steps
+    whole, half = real(pre.processor, images).numpy(), real(pre.processor, images, values=False).numpy()
     np.testing.assert_array_equal(whole, pre._library(images))
     np.testing.assert_array_equal(half, pre._library_uint8(images))
     assert whole.dtype == np.float32 and half.dtype == np.uint8 and whole.flags.c_contiguous
+    ran.clear()
+    np.testing.assert_array_equal(pre(images), whole)
+    np.testing.assert_array_equal(pre.to_uint8(images), half)
+    # used where the processor's call would copy each image contiguous (transformers 5.24+)
+    assert len(ran) == (2 if pre._convert is hf_steps.planar_tensors else 0) == 2 * pre.channels_last_steps()
 
 
 def test_a_processor_with_its_own_orchestration_runs_as_it_is(monkeypatch):
@@ -81,7 +84,7 @@ def test_steps_one_unit_off_are_not_used(tiny_checkpoint, monkeypatch, caplog):
 
 def test_the_switch_and_what_travels_with_the_preprocessor(tiny_checkpoint, monkeypatch):
     pre = load_preprocessor(str(tiny_checkpoint))
-    assert pre([_images()[0]]).shape == (1, 3, 224, 224)
+    assert hf_steps.exact_for(pre, pre._library, pre._library_uint8)
     assert pre.__dict__["_steps_exact"] is True
     assert "_steps_exact" not in pickle.loads(pickle.dumps(pre)).__dict__  # another process checks for itself
     monkeypatch.setenv(hf_steps.ENV, "library")
@@ -97,3 +100,12 @@ def test_what_the_steps_do_not_take_goes_to_the_processor(tiny_checkpoint):
     np.testing.assert_array_equal(pre([floats]), pre._library([floats]))
     uncropped = _deit_processor(size={"shortest_edge": 64}, do_center_crop=False)
     assert hf_steps.run(uncropped, _images()[:2]) is None  # 64x85 and 64x98: no one stack
+
+
+def test_a_processor_that_keeps_the_channels_last_view_runs_as_it_is(tiny_checkpoint, monkeypatch):
+    """transformers 5.17's call takes the decoders' view without a copy: the steps would not help there."""
+    pre = load_preprocessor(str(tiny_checkpoint))
+    monkeypatch.setitem(pre.__dict__, "_convert", hf_steps.channels_last_views)  # what 5.17's processor gets
+    monkeypatch.setattr(hf_steps, "run", lambda *a, **kw: pytest.fail("ran the steps"))
+    images = _images()[:1]
+    np.testing.assert_array_equal(pre(images), pre._library(images))
