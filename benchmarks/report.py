@@ -85,8 +85,8 @@ def _ratio_lines(cfg, block: dict) -> list[str]:
     ceiling, at_batch = _rate(best), _rate(_best(block["ceiling"], cfg.batch_size, after=False))
     lines = []
     after = _rate(_best(block["ceiling"], cfg.batch_size, after=True))
-    if at_batch and after:  # the machine drifts: the same forward pass, measured again after the end-to-end stages
-        lines.append(f"- ceiling at batch {cfg.batch_size} after the end-to-end stages / before = "
+    if at_batch and after:  # the machine drifts: the same forward pass, measured again right after ours
+        lines.append(f"- ceiling at batch {cfg.batch_size} right after ours' first run / before = "
                      f"{after / at_batch:.2f}; ours / the mean of both = "
                      f"{_ratio(_ours(block) or {}, (at_batch + after) / 2)}")
     for n, rs in block["runs"].items():

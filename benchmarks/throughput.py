@@ -67,7 +67,7 @@ def measure_ceiling(cfg: argparse.Namespace, ckpt: Path, dtype: str, after: bool
 
     On CPU also one row per batch size for one 1-thread process per core side
     by side (the data-parallel ceiling, which ours' single-threaded actors are
-    closer to). ``after``: the repeat after the end-to-end stages, at their batch size only.
+    closer to). ``after``: the repeat right after ours' first run, at its batch size only.
     """
     threads = [] if cfg.device == "cuda" else cfg.ceiling_threads
     args = {"ckpt": str(ckpt), "device": cfg.device, "dtype": dtype, "threads": threads,
@@ -210,21 +210,27 @@ def run_stage(results: list, stage: str, fn, cfg, *args) -> None:
     cfg.save()
 
 
-def end_to_end(cfg, ckpt: Path, dtype: str, n: int, rows: list[dict]) -> None:
-    """ours, baseline and peer on one image set of N images, their rows appended to ``rows``."""
+def end_to_end(cfg, ckpt: Path, dtype: str, n: int, rows: list[dict], after=None) -> None:
+    """ours, baseline and peer on one image set of N images, their rows appended to ``rows``.
+
+    ``after`` (a callable) runs right after ours: the ceiling's repeat, so that the machine's
+    drift is measured around ours' run and not half an hour later.
+    """
     root = cfg.workdir / "images" / f"{cfg.kind}-{n}"
     cfg.mean_image_bytes[n] = images.make_images(root, n, cfg.kind, pool=cfg.pool)["mean_bytes"]
     if cfg.source == "s3":
         with images.S3Source(root, n) as s3:
             options = {"endpoint_url": s3.endpoint}
-            _end_to_end(cfg, rows, ckpt, dtype, root, n, s3.uri, options, s3.endpoint)
+            _end_to_end(cfg, rows, ckpt, dtype, root, n, s3.uri, options, s3.endpoint, after)
     else:
-        _end_to_end(cfg, rows, ckpt, dtype, root, n, str(root), {}, "")
+        _end_to_end(cfg, rows, ckpt, dtype, root, n, str(root), {}, "", after)
 
 
-def _end_to_end(cfg, rows, ckpt, dtype, root, n, source, options, endpoint) -> None:
+def _end_to_end(cfg, rows, ckpt, dtype, root, n, source, options, endpoint, after=None) -> None:
     if "ours" not in cfg.skip:
         run_stage(rows, "ours", measure_ours, cfg, ckpt, dtype, source, n, options)
+        if after:
+            after()
     compare = n in cfg.compare_at  # baseline and peer need not run at every size
     if "baseline" not in cfg.skip and compare:  # on the first --baseline-images of the set: it is slow
         run_stage(rows, "baseline", measure_baseline, cfg, ckpt, dtype, root, min(n, cfg.baseline_images or n))
@@ -266,10 +272,10 @@ def main(argv: list[str] | None = None) -> None:
             blocks.append(block)
             if "ceiling" not in cfg.skip:
                 run_stage(block["ceiling"], "ceiling", measure_ceiling, cfg, ckpt, dtype)
-            for n in cfg.images:
-                end_to_end(cfg, ckpt, dtype, n, block["runs"].setdefault(n, []))
-            if not {"ceiling", "ceiling-after"} & set(cfg.skip) and block["runs"]:  # how far the machine drifted
-                run_stage(block["ceiling"], "ceiling, after", measure_ceiling, cfg, ckpt, dtype, True)
+            after = None if {"ceiling", "ceiling-after"} & set(cfg.skip) else (  # how far the machine drifted
+                lambda: run_stage(block["ceiling"], "ceiling, after", measure_ceiling, cfg, ckpt, dtype, True))
+            for i, n in enumerate(cfg.images):  # the repeat brackets ours' first run with the ceiling
+                end_to_end(cfg, ckpt, dtype, n, block["runs"].setdefault(n, []), after if i == 0 else None)
     print(format_report(cfg, meta, blocks))
     logger.info("raw results in %s, stage logs in %s", raw, cfg.logs)
 
