@@ -10,9 +10,10 @@ default CPU layout runs its actors) alternates rounds of
 so the forward pass after a decode is compared with the forward pass alone at the
 same moment of the machine, and the decode's share is measured, not inferred. It
 prints one JSON object: per process, ms per image of each part (medians of the
-rounds' batches), and ``cap``, the fraction of the ceiling that a pipeline doing
-this loop on every core can reach (forward alone / (score after decode + decode)),
-before what the rest of the pipeline (Ray, Prefect, the driver) takes.
+rounds' batches, and their means as ``<part>_mean``), and ``cap``, the fraction of the
+ceiling that a pipeline doing this loop on every core can reach (forward alone /
+(score after decode + decode); ``cap_of_means`` from the means), before what the rest
+of the pipeline (Ray, Prefect, the driver) takes.
 
     python benchmarks/actor_loop.py --input /tmp/deit-throughput/images/small-10000 \\
         --model /tmp/deit-throughput/checkpoints/random-facebook--deit-tiny-distilled-patch16-224
