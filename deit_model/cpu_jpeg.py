@@ -41,10 +41,7 @@ def exact_for(preprocessor) -> bool:
     """Whether this path gives ``preprocessor`` the model input PIL's decode gives it (checked once per object)."""
     if os.environ.get(ENV, "auto").lower() == "pil":
         return False
-    state = preprocessor.__dict__
-    if state.get("_cpu_jpeg_exact") is None:
-        state["_cpu_jpeg_exact"] = _check(preprocessor)
-    return state["_cpu_jpeg_exact"]
+    return preprocessor.known("_cpu_jpeg_exact", lambda: _check(preprocessor))
 
 
 def decode_rgb(data: bytes):

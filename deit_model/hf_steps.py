@@ -118,9 +118,7 @@ def planar_tensors(images: Sequence) -> list:
 
 def channels_last_views(images: Sequence) -> list:
     """RGB PIL images as uint8 (3, H, W) views of their (H, W, 3) arrays (no copy beyond PIL's)."""
-    import torch
-
-    return _rgb_to_tensors(images, lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    return _rgb_to_tensors(images, lambda img: _hwc(img).permute(2, 0, 1))
 
 
 def _rgb_to_tensors(images: Sequence, convert) -> list:
@@ -136,10 +134,8 @@ def exact_for(preprocessor, library_call, library_uint8) -> bool:
     """
     if os.environ.get(ENV, "auto").lower() == "library":
         return False
-    state = preprocessor.__dict__
-    if state.get("_steps_exact") is None:
-        state["_steps_exact"] = usable(preprocessor.processor) and _check(preprocessor, library_call, library_uint8)
-    return state["_steps_exact"]
+    return preprocessor.known("_steps_exact", lambda: usable(preprocessor.processor)
+                              and _check(preprocessor, library_call, library_uint8))
 
 
 def _check(preprocessor, library_call, library_uint8) -> bool:

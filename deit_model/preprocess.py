@@ -70,12 +70,20 @@ class Preprocessor:
         """The library's value steps (rescale, normalise) on a uint8 CPU tensor (N, C, H, W)."""
         raise NotImplementedError
 
+    # kept out of the pickles that ship this object to Ray's workers: the device tables stay where
+    # they were built (a decode worker needs none, and CUDA tensors must not travel), and the
+    # checks of :meth:`known` are facts of this process's libraries
+    _LOCAL = ("_tables", "_cpu_jpeg_exact", "_steps_exact")
+
+    def known(self, key: str, find) -> bool:
+        """``find()``, found once per object and process (``key``: one of ``_LOCAL``, never pickled)."""
+        state = self.__dict__
+        if state.get(key) is None:
+            state[key] = find()
+        return state[key]
+
     def __getstate__(self) -> dict:
-        # device tables stay where they were built: a decode worker needs none, and CUDA
-        # tensors must not travel in the pickles that ship this object to Ray's workers; nor
-        # do the JPEG decoders' agreement (cpu_jpeg.py) and the steps' (hf_steps.py), facts of
-        # this process's libraries
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tables", "_cpu_jpeg_exact", "_steps_exact")}
+        return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
 
     def geometry(self, images: Sequence):
         """:meth:`to_uint8` for uint8 (3, H, W) tensors, on their device (``--device-decode``).

@@ -125,14 +125,15 @@ def decode_on_cpu(datas: dict[int, bytes], errors: list, preprocessor: Preproces
     (deit_model.cpu_jpeg), the rest by PIL.
     """
     preprocess, dtype = (preprocessor.to_uint8, np.uint8) if uint8 else (preprocessor, np.float32)
-    plain_jpeg = draft_side is None and cpu_jpeg.exact_for(preprocessor)
+    # plain JPEGs go to torchvision where exact: its header check's size limit, made once per batch
+    plain_fits = _fits(preprocessor, max_pixels) if draft_side is None and cpu_jpeg.exact_for(preprocessor) else None
     rows: list[int] = []
     parts: list[np.ndarray] = []
     chunk: dict[int, Any] = {}
     in_chunk = 0  # decoded pixels in ``chunk``
     for i, data in datas.items():
         try:
-            image, (width, height) = _decode_one(data, preprocessor, max_pixels, draft_side, plain_jpeg)
+            image, (width, height) = _decode_one(data, preprocessor, max_pixels, draft_side, plain_fits)
         except DecodeError as exc:
             errors[i] = (exc.error_type, str(exc))
             continue
@@ -148,9 +149,12 @@ def decode_on_cpu(datas: dict[int, bytes], errors: list, preprocessor: Preproces
 
 
 def _decode_one(data: bytes, preprocessor: Preprocessor, max_pixels: int, draft_side: int | None,
-                plain_jpeg: bool) -> tuple[Any, tuple[int, int]]:
-    """One image as (an RGB PIL image or uint8 (3, H, W) tensor, (width, height)), or a DecodeError."""
-    if plain_jpeg and device_jpeg_size(data, max_pixels, fits=_fits(preprocessor, max_pixels)):
+                plain_fits) -> tuple[Any, tuple[int, int]]:
+    """One image as (an RGB PIL image or uint8 (3, H, W) tensor, (width, height)), or a DecodeError.
+
+    ``plain_fits``: None, or the size check under which a plain JPEG is torchvision's to decode.
+    """
+    if plain_fits and device_jpeg_size(data, max_pixels, fits=plain_fits):
         pixels = cpu_jpeg.decode_rgb(data)
         if pixels is not None:
             return pixels, (pixels.shape[2], pixels.shape[1])
