@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,14 +158,19 @@ class S3Source:
     answers requests from threads of this process, so at large N the server
     itself is a measurable share of the machine; it is never counted in a
     stage's memory, which covers the stage's own processes only.
+
+    ``latency_ms`` holds every request after the upload that long before moto answers it: a
+    stand-in for a real object store's time to first byte (tens of ms for S3), which a
+    server on 127.0.0.1 does not have. It waits in the request's own thread, so concurrent
+    requests wait side by side, as they do against S3.
     """
 
     BUCKET = "bench"
     CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1"}
 
-    def __init__(self, root: Path, n: int):
-        self.root, self.n = root, n
+    def __init__(self, root: Path, n: int, latency_ms: float = 0.0):
+        self.root, self.n, self.latency_ms = root, n, latency_ms
         self.prefix = f"{root.name}"
         self.endpoint = ""
         self._server = None
@@ -175,18 +181,15 @@ class S3Source:
 
     def __enter__(self) -> "S3Source":
         import socket
-        import time
 
         import s3fs
-        from moto.server import ThreadedMotoServer
 
         os.environ.update(self.CREDENTIALS)  # s3fs signs requests here; children get them via env too
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        self._server.start()
+        self._server = _server_with_latency(port)
         self.endpoint = f"http://127.0.0.1:{port}"
         fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, use_listings_cache=False)
         fs.mkdir(self.BUCKET)
@@ -194,8 +197,34 @@ class S3Source:
         start = time.perf_counter()
         fs.put(local, [f"{self.BUCKET}/{self.prefix}/{Path(p).relative_to(self.root)}" for p in local])
         logger.info("uploaded %d images to %s in %.1f s", self.n, self.uri, time.perf_counter() - start)
+        self._server.latency_s = self.latency_ms / 1000  # the upload is set-up, not measured: no wait there
         return self
 
     def __exit__(self, *exc) -> None:
         if self._server is not None:
             self._server.stop()
+
+
+def _server_with_latency(port: int):
+    """moto's threaded server on 127.0.0.1:``port``, whose requests wait ``latency_s`` (set later) first."""
+    from moto.moto_server import threaded_moto_server as moto_server
+
+    class Server(moto_server.ThreadedMotoServer):
+        latency_s = 0.0
+
+        def _server_entry(self) -> None:  # ThreadedMotoServer's, with the app wrapped
+            app = moto_server.DomainDispatcherApplication(moto_server.create_backend_app)
+
+            def delayed(environ, start_response):
+                if self.latency_s:
+                    time.sleep(self.latency_s)
+                return app(environ, start_response)
+
+            self._server = moto_server.make_server(self._ip_address, self._port, delayed, True,
+                                                   request_handler=moto_server.MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = Server(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server

@@ -22,6 +22,8 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     for add in (_add_workload, _add_layout, _add_harness):
         add(p)
     cfg = p.parse_args(argv)
+    if cfg.s3_latency_ms and (cfg.source != "s3" or cfg.s3_latency_ms < 0):
+        p.error("--s3-latency-ms is a wait of 0 ms or more, and only with --source s3")
     if cfg.batch_size not in cfg.batch_sizes:
         cfg.batch_sizes.append(cfg.batch_size)
     default_layout(cfg, os.cpu_count() or 1)
@@ -51,6 +53,9 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
                    help="small: 500x375 ~110 KB JPEGs; phone: 4000x3000 ~3 MB")
     p.add_argument("--source", choices=["local", "s3"], default="local",
                    help="s3: moto's S3 server on 127.0.0.1 (baseline still reads the local files)")
+    p.add_argument("--s3-latency-ms", type=float, default=0.0,
+                   help="with --source s3: every request waits this long before moto answers it, as a real "
+                        "object store's time to first byte (default 0: a server on 127.0.0.1 has none)")
     p.add_argument("--model", nargs="+", default=["facebook/deit-tiny-distilled-patch16-224"],
                    help="hub names (built with random weights) or checkpoint directories")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -48,7 +48,8 @@ def format_block(cfg, block: dict) -> list[str]:
 
 
 def _heading(cfg, block: dict) -> str:
-    return (f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}; "
+    return (f"**{block['model']}**, {block['dtype']}, {cfg.device}; {cfg.kind} images from {cfg.source}"
+            + (f" (+{cfg.s3_latency_ms:g} ms per request)" if getattr(cfg, "s3_latency_ms", 0) else "") + "; "
             f"e2e batch {cfg.batch_size}, {cfg.num_actors} actor(s) x {cfg.cpus_per_actor:g} CPU, "
             + (f"decode tasks {cfg.decode_cpus:g} CPU" if cfg.decode_cpus else "decoding in the actors")
             + f"; peer {cfg.num_actors} x {cfg.peer_cpus_per_actor:g} CPU, read/preprocess tasks "

@@ -219,7 +219,7 @@ def end_to_end(cfg, ckpt: Path, dtype: str, n: int, rows: list[dict], after=None
     root = cfg.workdir / "images" / f"{cfg.kind}-{n}"
     cfg.mean_image_bytes[n] = images.make_images(root, n, cfg.kind, pool=cfg.pool)["mean_bytes"]
     if cfg.source == "s3":
-        with images.S3Source(root, n) as s3:
+        with images.S3Source(root, n, cfg.s3_latency_ms) as s3:
             options = {"endpoint_url": s3.endpoint}
             _end_to_end(cfg, rows, ckpt, dtype, root, n, s3.uri, options, s3.endpoint, after)
     else:

@@ -35,8 +35,11 @@ CALL_RETRIES = 3
 MAX_WINDOW = 64  # calls in flight per actor, at most
 # A GPU actor runs two calls at once: while one batch is on the GPU the other's pixels are
 # copied and its rows built, which would otherwise leave the GPU idle between batches.
-# CPU actors run one: a second thread would only share the same core.
 GPU_CONCURRENCY = 2
+# A CPU actor that reads its own images runs two as well, but only one decodes and scores at a
+# time (ScoringActor's CPU lock): the other call reads its batch meanwhile, so the core does not
+# wait for storage (one round trip per batch, tens of ms on S3). Fed by decode tasks, it runs one.
+READ_AHEAD_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,17 @@ def pool_spec(settings, model: str, revision: str | None, placement) -> PoolSpec
     GPU actors get uint8 pixels from decode tasks: a quarter of the bytes through the object
     store and over PCIe, and 17 % less decode CPU per image; normalising them is one kernel.
     CPU actors get finished float32 pixels: there the actor's core bounds the run, and
-    normalising would add 0.28 ms of it per image (benchmarks/decode_stage.py).
+    normalising would add 0.28 ms of it per image (benchmarks/decode_stage.py). CPU actors
+    that read their own images take a second call, whose read overlaps the first's work.
     """
+    if placement.device == "cuda":
+        concurrency = GPU_CONCURRENCY
+    else:
+        concurrency = READ_AHEAD_CONCURRENCY if placement.decode_cpus <= 0 else 1
     return PoolSpec(model, revision, placement.device, settings.dtype, settings.top_k,
                     json.dumps(settings.storage_options, sort_keys=True, default=str),
                     placement.num_actors, placement.num_cpus, placement.num_gpus,
-                    concurrency=GPU_CONCURRENCY if placement.device == "cuda" else 1,
-                    uint8_pixels=placement.device == "cuda")
+                    concurrency=concurrency, uint8_pixels=placement.device == "cuda")
 
 
 class ScorerPool:

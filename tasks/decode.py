@@ -29,6 +29,7 @@ DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker wi
 def decode_batch(
     batch: dict[str, np.ndarray], *, preprocessor: Preprocessor, max_pixels: int, fast_decode: bool,
     storage_options: dict[str, Any], uint8: bool = False, device_jpeg: bool = False,
+    datas: list[bytes | OSError] | None = None,
 ) -> dict[str, np.ndarray]:
     """Add ``decoded``, ``pixel_values``, ``error_type`` and ``error_message`` to a plan batch.
 
@@ -41,7 +42,8 @@ def decode_batch(
     ``jpeg_offsets`` (:func:`jpeg_of`), their pixel counts (``jpeg_pixels``,
     by which the device decodes them in chunks), and a per-row object column
     ``pixels`` (the others' uint8 pixels) replace ``pixel_values``, and
-    :func:`device_model_input` finishes them on the scorer's device.
+    :func:`device_model_input` finishes them on the scorer's device. ``datas``: the rows'
+    bytes, already read by :func:`read_batch`; else they are read here.
     """
     if device_jpeg and not preprocessor.splits_exactly():
         _warn_once("--device-decode needs the preprocessing in two exact halves, and this checkpoint's "
@@ -50,7 +52,9 @@ def decode_batch(
     half = (uint8 or device_jpeg) and preprocessor.splits_exactly()
     draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
-    errors, on_cpu, jpeg = _sort(_read(uris, storage_options), preprocessor, max_pixels, device_jpeg)
+    if datas is None:
+        datas = _read(uris, storage_options)
+    errors, on_cpu, jpeg = _sort(datas, preprocessor, max_pixels, device_jpeg)
     rows, dense = decode_on_cpu(on_cpu, errors, preprocessor, half, max_pixels, draft_side)
     out = dict(batch)
     n = len(uris)
@@ -188,6 +192,11 @@ def resize_overflow(size: tuple[int, int], preprocessor: Preprocessor, max_pixel
         return None
     return (f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels before the crop, "
             f"over the limit of {max_pixels}")
+
+
+def read_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any]) -> list[bytes | OSError]:
+    """Each row's bytes, or the error that reading it raised, for :func:`decode_batch`'s ``datas``."""
+    return _read([str(u) for u in batch["uri"]], storage_options)
 
 
 def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSError]:

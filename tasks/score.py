@@ -1,6 +1,7 @@
 """The scoring actor: a thin Ray actor class over ``deit_model.Scorer``."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from .decode import decode_batch
+from .decode import decode_batch, read_batch
 from .device_jpeg import device_model_input
 from .plan import CheckpointChanged
 from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
@@ -40,9 +41,11 @@ class ScoringActor:
 
     The constructor takes only the model, so actors can start before the run
     they will serve is known; the run comes with every call (a restarted
-    actor then needs nothing re-sent). Calls may run on two threads (GPU
-    actors): the model runs one batch at a time, and a batch's transfer and
-    Arrow rows overlap another's forward pass.
+    actor then needs nothing re-sent). Calls may run on two threads: on a GPU
+    actor the model runs one batch at a time, and a batch's transfer and Arrow
+    rows overlap another's forward pass; on a CPU actor that reads its own
+    images one call decodes and scores at a time, and the other reads its
+    batch meanwhile (actor_pool.READ_AHEAD_CONCURRENCY).
     """
 
     _profiler = None  # a few seconds of the device's timeline, a diagnostic: see _attach
@@ -68,6 +71,9 @@ class ScoringActor:
         # one forward pass at a time. Device memory is not halved by it: the caching allocator
         # keeps each call thread's stream's blocks apart, about two forward passes' worth
         self._model_lock = threading.Lock()
+        # a CPU actor's one core decodes and scores one batch at a time; a second call only reads
+        # its images meanwhile (actor_pool.READ_AHEAD_CONCURRENCY). A GPU actor's calls overlap.
+        self._cpu_work = threading.Lock() if scorer.device.type == "cpu" else contextlib.nullcontext()
         if scorer.device.type == "cuda" and preprocessor.splits_exactly():  # else normalize() is never used
             _warm_normalize(preprocessor, scorer.device)
         from deit_model.profiling import profiler_from_env
@@ -84,13 +90,15 @@ class ScoringActor:
             # an actor (re)started mid-run loaded its checkpoint again: it must be the run's
             raise CheckpointChanged(f"this actor loaded {self.scorer.ref.name} at revision "
                                     f"{self.scorer.ref.revision}, but the run scores with {context.model_revision}")
-        if context.decode is not None:
-            batch = decode_batch(batch, preprocessor=self.preprocessor, **context.decode)
         spec = context.spec
         schema = self._schemas.get(spec)
         if schema is None:  # one per run's output spec, built once
             schema = self._schemas[spec] = scored_schema(spec)
-        with self.scorer.stream():  # this call's device work on its thread's own CUDA stream
+        # read outside the CPU lock: this call waits for storage while another one works
+        datas = read_batch(batch, context.decode["storage_options"]) if context.decode is not None else None
+        with self._cpu_work, self.scorer.stream():  # device work on this call thread's own CUDA stream
+            if context.decode is not None:
+                batch = decode_batch(batch, preprocessor=self.preprocessor, datas=datas, **context.decode)
             batch, x = self._model_input(batch)
             cols = self._prediction_columns(x, np.asarray(batch["decoded"], dtype=bool), spec)
         if self._profiler is not None:

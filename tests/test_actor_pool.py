@@ -40,15 +40,66 @@ def test_window_keeps_every_decode_task_busy_within_a_bound(decode_cpus, spare, 
     assert window_for(decode_cpus, spare, actors, concurrency) == window
 
 
-def test_gpu_actors_run_two_calls_at_once_on_uint8_pixels_and_cpu_actors_one_on_float32(tiny_checkpoint):
-    from tasks.actor_pool import GPU_CONCURRENCY, pool_spec
+def test_gpu_actors_run_two_calls_on_uint8_pixels_and_cpu_actors_two_only_where_they_read(tiny_checkpoint):
+    from tasks.actor_pool import GPU_CONCURRENCY, READ_AHEAD_CONCURRENCY, pool_spec
     from tasks.placement import Placement
 
     settings = ScoreSettings(input="x", output="y", model=str(tiny_checkpoint))
     gpu = pool_spec(settings, "m", None, Placement("cuda", 1.0, 1.0))
-    cpu = pool_spec(settings, "m", None, Placement("cpu", 0.0, 1.0))
+    reads = pool_spec(settings, "m", None, Placement("cpu", 0.0, 1.0))  # decodes its own images
+    fed = pool_spec(settings, "m", None, Placement("cpu", 0.0, 1.0, spare_cpus=1.0, decode_cpus=1.0))
     assert (gpu.concurrency, gpu.uint8_pixels) == (GPU_CONCURRENCY, True) and GPU_CONCURRENCY == 2
-    assert (cpu.concurrency, cpu.uint8_pixels) == (1, False)
+    assert (reads.concurrency, reads.uint8_pixels) == (READ_AHEAD_CONCURRENCY, False) and READ_AHEAD_CONCURRENCY == 2
+    assert (fed.concurrency, fed.uint8_pixels) == (1, False)
+
+
+def test_a_cpu_actor_reads_one_batch_while_it_decodes_and_scores_another_never_two(
+        tiny_checkpoint, photos, tmp_path, monkeypatch):
+    """Two calls on one CPU actor (no Ray: its two call threads): the second's read runs while the
+    first holds the core, and decoding and scoring never run in both at once."""
+    import threading
+
+    from tasks import score
+
+    settings, plan, decode, _ = _setup(tiny_checkpoint, photos, tmp_path)
+    actor = ScoringActor(model=str(tiny_checkpoint), revision=None, device="cpu", dtype="fp32", top_k=3,
+                         storage_options={})
+    first_inside, second_read, inside, most = threading.Event(), threading.Event(), [0], [0]
+    real_read, real_decode = score.read_batch, score.decode_batch
+
+    def read(batch, options):
+        if batch["uri"][0] == plan["uri"][4].as_py():  # the second batch
+            second_read.set()
+        return real_read(batch, options)
+
+    def decode_batch(batch, **kw):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            if batch["uri"][0] == plan["uri"][0].as_py():  # the first batch keeps the core until the second is read
+                first_inside.set()
+                assert second_read.wait(10), "the second call did not read while the first worked"
+            return real_decode(batch, **kw)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(score, "read_batch", read)
+    monkeypatch.setattr(score, "decode_batch", decode_batch)
+    batches = list(plan_batches(plan, 4))[:2]
+    context = score.BatchContext("r", "m", OutputSpec(64), decode)
+    out = {}
+
+    def call(i):
+        out[i] = actor.score_batch(batches[i], context)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    threads[0].start()
+    assert first_inside.wait(30)
+    threads[1].start()  # the second call comes while the first decodes
+    for t in threads:
+        t.join(60)
+    assert sorted(out) == [0, 1] and most[0] == 1
+    assert [len(out[i]) for i in range(2)] == [4, 4]
 
 
 def _setup(tiny_checkpoint, photos, tmp_path, **kw):

@@ -24,6 +24,7 @@ import harness  # noqa: E402
 import images  # noqa: E402
 import options  # noqa: E402
 import procmem  # noqa: E402
+import read_ahead  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
 
@@ -273,6 +274,47 @@ def test_actor_loop_takes_a_decoding_actors_time_apart(tiny_checkpoint, photos):
     assert set(part) == names | {f"{n}_mean" for n in names} and all(v > 0 for v in part.values())
     assert out["cap"] == pytest.approx(part["forward"] / (part["score_after_decode"] + part["decode"]))
     assert 0 < out["cap"] < 1  # decoding a photo takes time that the forward pass alone does not
+
+
+def test_s3_source_holds_each_request_for_its_latency_after_the_upload(tmp_path):
+    """--s3-latency-ms: the S3 server answers each request that much later, once the set is uploaded."""
+    import s3fs
+
+    root = tmp_path / "small-3"
+    images.make_images(root, 3, "small", workers=1)
+    with images.S3Source(root, 3, latency_ms=1000) as s3:
+        fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, use_listings_cache=False)
+        start = time.perf_counter()
+        paths = fs.find(s3.uri)
+        held = time.perf_counter() - start
+        s3._server.latency_s = 0
+        start = time.perf_counter()
+        data = fs.cat(paths)
+        quick = time.perf_counter() - start
+    assert len(paths) == 3 and all(len(v) > 50_000 for v in data.values())
+    assert held >= 1.0 > quick
+    with pytest.raises(SystemExit):  # a wait for local files is a mistake, said as such
+        options.parse_args(["--s3-latency-ms", "20"], "d")
+
+
+def test_read_ahead_runs_two_calls_at_once_with_a_third_waiting():
+    """benchmarks/read_ahead.py's read-ahead mode runs calls as Ray runs a CPU actor's: two at once."""
+    import threading
+
+    lock, running, most, seen = threading.Lock(), [0], [0], []
+
+    class Actor:
+        def score_batch(self, batch, context):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+                seen.append(batch)
+
+    read_ahead._two_threads(Actor(), list(range(7)), None)
+    assert sorted(seen) == list(range(7)) and most[0] == 2
 
 
 def test_ours_runs_as_a_module_where_the_command_is_not_installed(tmp_path, monkeypatch):

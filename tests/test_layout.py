@@ -50,6 +50,7 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
 
     actor = object.__new__(ScoringActor)
     actor.scorer, actor.preprocessor, actor._schemas, actor._model_lock = _Scorer(), None, {}, threading.Lock()
+    actor._cpu_work = threading.Lock()  # as _attach sets it for a CPU actor
     batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),
              "pixel_values": np.zeros((2, 3, 4, 4), np.float32),
              "error_type": np.array([np.nan, np.nan]), "error_message": np.array([np.nan, np.nan]),
