@@ -26,6 +26,11 @@ class InputNotFoundError(FileNotFoundError):
 # objects added since its last listing, and even fail to open files written
 # after it; every listing here must be fresh, so the cache is off by default.
 _LISTING_CACHES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+# s3fs reads a batch's objects at once (fsspec gathers up to 128 requests), but botocore's pool
+# holds 10 connections, so a batch of 128 objects took 13 round trips, and requests waiting for
+# a connection are signed long before they are sent (clock-skew errors on large batches). 64
+# makes a batch of up to 64 one round trip; a user's own config_kwargs win.
+S3_POOL_CONNECTIONS = 64
 
 
 class StorageConfigError(OSError):
@@ -38,9 +43,11 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     An unknown scheme (fsspec's ValueError) or a scheme whose driver is not
     installed (ImportError, e.g. gcsfs for gs://) is a StorageConfigError.
     """
-    options = dict(storage_options or {})
-    if fsspec.core.split_protocol(uri)[0] in _LISTING_CACHES:
+    options, scheme = dict(storage_options or {}), fsspec.core.split_protocol(uri)[0]
+    if scheme in _LISTING_CACHES:
         options.setdefault("use_listings_cache", False)
+    if scheme in {"s3", "s3a"}:
+        options["config_kwargs"] = {"max_pool_connections": S3_POOL_CONNECTIONS, **(options.get("config_kwargs") or {})}
     try:
         return fsspec.core.url_to_fs(uri, **options)
     except (ValueError, ImportError) as exc:

@@ -63,6 +63,21 @@ def test_s3_listing_records_etags(s3fs_client, s3_bucket, s3_server, photos):
     assert objs[0].etag and '"' not in objs[0].etag and objs[0].mtime is not None
 
 
+def test_s3_reads_on_64_connections_unless_the_user_says_otherwise(s3fs_client, s3_bucket, s3_server, photos):
+    """botocore's 10 connections made a batch of 128 objects 13 round trips (docs/benchmarks.md)."""
+    from tasks.storage import S3_POOL_CONNECTIONS, filesystem, read_many
+
+    s3fs_client.put(str(photos / "china.jpg"), f"{s3_bucket}/pool/china.jpg")
+    uri = f"s3://{s3_bucket}/pool/china.jpg"
+    ours, _ = filesystem(uri, {"endpoint_url": s3_server})
+    theirs, _ = filesystem(uri, {"endpoint_url": s3_server,
+                                 "config_kwargs": {"max_pool_connections": 7, "user_agent_extra": "deit-test"}})
+    for fs in (ours, theirs):
+        assert read_many(fs, [uri])[uri] == (photos / "china.jpg").read_bytes()
+    assert ours.s3.meta.config.max_pool_connections == S3_POOL_CONNECTIONS == 64
+    assert theirs.s3.meta.config.max_pool_connections == 7 and theirs.s3.meta.config.user_agent_extra == "deit-test"
+
+
 def test_plan_round_trip(tmp_path, image_dir):
     plan_uri = str(tmp_path / "run" / "plan.parquet")
     n = write_plan(plan_table(list(list_images(str(image_dir)))), plan_uri)
