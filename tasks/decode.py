@@ -6,11 +6,12 @@ object marks only its own row.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -52,10 +53,11 @@ def decode_batch(
     half = (uint8 or device_jpeg) and preprocessor.splits_exactly()
     draft_side = preprocessor.min_decode_side() if fast_decode else None
     uris = [str(u) for u in batch["uri"]]
-    if datas is None:
-        datas = _read(uris, storage_options)
-    errors, on_cpu, jpeg = _sort(datas, preprocessor, max_pixels, device_jpeg)
-    rows, dense = decode_on_cpu(on_cpu, errors, preprocessor, half, max_pixels, draft_side)
+    errors: list[tuple[str, str] | None] = [None] * len(uris)
+    jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}
+    with storage.ReadStream(uris, storage_options) if datas is None else contextlib.nullcontext(datas) as stream:
+        on_cpu = _sort(stream, errors, jpeg, preprocessor, max_pixels, device_jpeg)
+        rows, dense = decode_on_cpu(on_cpu, errors, preprocessor, half, max_pixels, draft_side)
     out = dict(batch)
     n = len(uris)
     if device_jpeg:
@@ -74,15 +76,14 @@ def decode_batch(
     return out
 
 
-def _sort(datas: list[bytes | OSError], preprocessor: Preprocessor, max_pixels: int, device_jpeg: bool):
-    """Rows' read results sorted: (errors with the read failures, rows decoded here, rows for the device).
+def _sort(datas: Iterable[bytes | OSError], errors: list, jpeg: dict, preprocessor: Preprocessor,
+          max_pixels: int, device_jpeg: bool) -> Iterator[tuple[int, bytes]]:
+    """Rows' read results as they arrive: the rows decoded here, ``(row, bytes)``, one by one.
 
-    The device's rows are ``{row: (bytes, (width, height))}``, the sizes read from the headers.
+    A read failure goes into ``errors``; a row for the device into ``jpeg`` as
+    ``{row: (bytes, (width, height))}``, the size read from the headers.
     """
     fits = _fits(preprocessor, max_pixels)
-    errors: list[tuple[str, str] | None] = [None] * len(datas)
-    on_cpu: dict[int, bytes] = {}
-    jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}
     for i, data in enumerate(datas):
         if isinstance(data, OSError):
             kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
@@ -90,8 +91,7 @@ def _sort(datas: list[bytes | OSError], preprocessor: Preprocessor, max_pixels: 
         elif device_jpeg and (size := device_jpeg_size(data, max_pixels, fits=fits)):
             jpeg[i] = (data, size)
         else:
-            on_cpu[i] = data
-    return errors, on_cpu, jpeg
+            yield i, data
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,7 +117,7 @@ def jpeg_of(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
     return batch["jpeg_data"][lo:hi] if hi > lo else None
 
 
-def decode_on_cpu(datas: dict[int, bytes], errors: list, preprocessor: Preprocessor, uint8: bool,
+def decode_on_cpu(datas: Iterable[tuple[int, bytes]], errors: list, preprocessor: Preprocessor, uint8: bool,
                   max_pixels: int, draft_side: int | None) -> tuple[list[int], np.ndarray]:
     """Decode and preprocess rows' bytes: (the decoded rows, their pixels in that order).
 
@@ -135,7 +135,7 @@ def decode_on_cpu(datas: dict[int, bytes], errors: list, preprocessor: Preproces
     parts: list[np.ndarray] = []
     chunk: dict[int, Any] = {}
     in_chunk = 0  # decoded pixels in ``chunk``
-    for i, data in datas.items():
+    for i, data in datas:
         try:
             image, (width, height) = _decode_one(data, preprocessor, max_pixels, draft_side, plain_fits)
         except DecodeError as exc:
@@ -196,15 +196,8 @@ def resize_overflow(size: tuple[int, int], preprocessor: Preprocessor, max_pixel
 
 def read_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any]) -> list[bytes | OSError]:
     """Each row's bytes, or the error that reading it raised, for :func:`decode_batch`'s ``datas``."""
-    return _read([str(u) for u in batch["uri"]], storage_options)
+    return storage.read_uris([str(u) for u in batch["uri"]], storage_options)
 
-
-def _read(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSError]:
-    # All URIs of one run share a scheme, so one filesystem serves the batch.
-    fs, _ = storage.filesystem(uris[0], storage_options)
-    paths = [fs._strip_protocol(u) for u in uris]
-    data = storage.read_many(fs, paths)
-    return [data[p] for p in paths]
 
 
 def _preprocess(images: list, rows: list[int], preprocess, errors: list, shape: tuple, dtype) -> np.ndarray:

@@ -62,7 +62,7 @@ def _decode_refused(batch: dict, pixels: np.ndarray, refused: dict[int, bytes], 
              "error_message": np.array(batch["error_message"], dtype=object)}
     errors: list = [None] * len(batch["uri"])
     # the pixel limit was checked on the headers (device_decodable): no second limit here
-    rows, dense = decode_on_cpu(refused, errors, preprocessor, True, sys.maxsize, None)
+    rows, dense = decode_on_cpu(refused.items(), errors, preprocessor, True, sys.maxsize, None)
     for j, i in enumerate(rows):
         pixels[i] = dense[j] if errors[i] is None else None
     for i in refused:

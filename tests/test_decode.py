@@ -252,3 +252,50 @@ def test_a_batch_is_preprocessed_in_chunks_with_the_same_pixels_and_errors(tiny_
     assert list(chunked["error_type"]) == list(whole["error_type"]) and chunked["error_type"][3] is not None
     np.testing.assert_array_equal(chunked["pixel_values"], whole["pixel_values"])
     assert chunked["pixel_values"].dtype == whole["pixel_values"].dtype
+
+
+@pytest.mark.parametrize("device_jpeg", [False, True])
+def test_a_batch_decodes_its_first_objects_while_the_rest_are_read(tiny_checkpoint, photos, tmp_path, monkeypatch,
+                                                                    device_jpeg):
+    """Read in chunks of READ_CHUNK (a missing object among them): the first chunk is decoded
+    while a later one is still being read, and the rows come out as from one read of the batch."""
+    import threading
+
+    import tasks.decode as td
+    from deit_model import load_preprocessor
+    from tasks import storage
+
+    uris = [str(p) for p in sorted(photos.iterdir())]
+    uris.insert(2, str(tmp_path / "missing.jpg"))
+    batch = {"uri": np.array(uris, dtype=object)}
+    pre = load_preprocessor(str(tiny_checkpoint))
+    kw = {"preprocessor": pre, "max_pixels": 10**9, "fast_decode": False, "storage_options": {},
+          "device_jpeg": device_jpeg}
+    whole = td.decode_batch(batch, datas=td.read_batch(batch, {}), **kw)
+    monkeypatch.setattr(storage, "READ_CHUNK", 2)
+    first_decoded, last_read = threading.Event(), []
+    real_read, real_sort = storage.read_uris, td._sort
+
+    def read(chunk, options):
+        if chunk[-1] == uris[-1]:  # the last chunk: read only once the first rows are past
+            last_read.append(first_decoded.wait(10))
+        return real_read(chunk, options)
+
+    def rows(datas):
+        for i, data in enumerate(datas):  # every row, decoded here or not, passes this point
+            if i == 1:
+                first_decoded.set()
+            yield data
+
+    monkeypatch.setattr(storage, "read_uris", read)
+    monkeypatch.setattr(td, "_sort", lambda datas, *a: real_sort(rows(datas), *a))
+    streamed = td.decode_batch(batch, **kw)
+    assert last_read == [True]  # under a read of the whole batch first, the last chunk's read waits in vain
+    for key in whole:
+        if isinstance(whole[key], np.ndarray) and whole[key].dtype != object:
+            np.testing.assert_array_equal(streamed[key], whole[key])
+        else:  # an object column: strings, None, or (``pixels``) arrays
+            assert len(streamed[key]) == len(whole[key]), key
+            for a, b in zip(streamed[key], whole[key]):
+                assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b, key
+    assert streamed["error_type"][2] == "not_found" and not streamed["decoded"][2]
