@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     os.sched_setaffinity(0, {cores[-1]})  # the server's threads; the child moves itself to the first core
     results: dict = {"batch_size": a.batch_size, "batches": a.batches, "cores": len(cores), "latency_ms": {}}
     with images.S3Source(root, n) as s3:
-        parent, child = multiprocessing.get_context("spawn").Pipe()
-        proc = multiprocessing.get_context("spawn").Process(
-            target=_actor, args=(child, a.model, s3.uri, s3.endpoint, a.batch_size))
+        spawn = multiprocessing.get_context("spawn")
+        parent, child = spawn.Pipe()
+        proc = spawn.Process(target=_actor, args=(child, a.model, s3.uri, s3.endpoint, a.batch_size))
         os.sched_setaffinity(0, set(cores))  # the child inherits this; it pins itself
         proc.start()
         os.sched_setaffinity(0, {cores[-1]})
