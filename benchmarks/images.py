@@ -18,6 +18,7 @@ reused by later runs with the same parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -192,7 +193,8 @@ class S3Source:
         self._server = _server_with_latency(port)
         self.endpoint = f"http://127.0.0.1:{port}"
         fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, use_listings_cache=False)
-        fs.mkdir(self.BUCKET)
+        if not fs.exists(self.BUCKET):  # moto's buckets live as long as the process, not the server
+            fs.mkdir(self.BUCKET)
         local = list_images(self.root, self.n)
         start = time.perf_counter()
         fs.put(local, [f"{self.BUCKET}/{self.prefix}/{Path(p).relative_to(self.root)}" for p in local])
@@ -228,3 +230,46 @@ def _server_with_latency(port: int):
     server = Server(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     return server
+
+
+def add_served_arguments(parser, latency_ms: list[float], batch_size: int, batches: int, rounds: int) -> None:
+    """The options of a benchmark run through :func:`served_to_child`, with its defaults."""
+    parser.add_argument("--images", default="/tmp/deit-throughput/images/small-1000",
+                        help="a set made by benchmarks/images.py (small-N: N 500x375 JPEGs)")
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=latency_ms)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--batches", type=int, default=batches, help="batches per mode and round")
+    parser.add_argument("--rounds", type=int, default=rounds)
+
+
+@contextlib.contextmanager
+def served_to_child(images: str, target, *args):
+    """The small set ``images`` (small-N) served by moto on this process's last core, and a child.
+
+    The child runs ``target(conn, s3_uri, endpoint, *args)`` in a spawned process that pins
+    itself to the first core; yields ``(source, conn)``, the other end of the pipe, and
+    sends the child ``None`` on the way out. This process keeps to the last core meanwhile,
+    so the server's work and the child's never share one, and gets all of them back after.
+    """
+    import multiprocessing
+
+    root = Path(images)
+    n = int(root.name.rsplit("-", 1)[1])
+    make_images(root, n, "small")
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[-1]})  # the server's threads
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.sched_setaffinity, 0, set(cores))
+        s3 = stack.enter_context(S3Source(root, n))
+        spawn = multiprocessing.get_context("spawn")
+        parent, child = spawn.Pipe()
+        proc = spawn.Process(target=target, args=(child, s3.uri, s3.endpoint, *args))
+        os.sched_setaffinity(0, set(cores))  # the child inherits this; it pins itself
+        proc.start()
+        os.sched_setaffinity(0, {cores[-1]})
+        try:
+            yield s3, parent
+        finally:
+            with contextlib.suppress(OSError):  # a child that failed has gone
+                parent.send(None)
+            proc.join(60)

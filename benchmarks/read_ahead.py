@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
-def _actor(conn, model: str, uri: str, endpoint: str, batch_size: int) -> None:
+def _actor(conn, uri: str, endpoint: str, model: str, batch_size: int) -> None:
     """The child: one ScoringActor on the first core; answers ("serial"|"read_ahead", n) with img/s."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import torch
@@ -84,40 +82,21 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--images", default="/tmp/deit-throughput/images/small-1000",
-                   help="a set made by benchmarks/images.py (small-N: N 500x375 JPEGs)")
-    p.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 20.0, 50.0])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=12, help="batches per mode and round")
-    p.add_argument("--rounds", type=int, default=3)
+    images.add_served_arguments(p, latency_ms=[0.0, 20.0, 50.0], batch_size=32, batches=12, rounds=3)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    root = Path(a.images)
-    n = int(root.name.rsplit("-", 1)[1])
-    images.make_images(root, n, "small")
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[-1]})  # the server's threads; the child moves itself to the first core
-    results: dict = {"batch_size": a.batch_size, "batches": a.batches, "cores": len(cores), "latency_ms": {}}
-    with images.S3Source(root, n) as s3:
-        spawn = multiprocessing.get_context("spawn")
-        parent, child = spawn.Pipe()
-        proc = spawn.Process(target=_actor, args=(child, a.model, s3.uri, s3.endpoint, a.batch_size))
-        os.sched_setaffinity(0, set(cores))  # the child inherits this; it pins itself
-        proc.start()
-        os.sched_setaffinity(0, {cores[-1]})
-        try:
-            for latency in a.latency_ms:
-                s3._server.latency_s = latency / 1000
-                rates: dict = {"serial": [], "read_ahead": []}
-                for _ in range(a.rounds):
-                    for mode in rates:
-                        parent.send((mode, a.batches))
-                        rates[mode].append(round(parent.recv(), 2))
-                results["latency_ms"][f"{latency:g}"] = rates
-                logger.info("latency %g ms: %s", latency, rates)
-        finally:
-            parent.send(None)
-            proc.join(60)
+    results: dict = {"batch_size": a.batch_size, "batches": a.batches, "cores": len(os.sched_getaffinity(0)),
+                     "latency_ms": {}}
+    with images.served_to_child(a.images, _actor, a.model, a.batch_size) as (s3, conn):
+        for latency in a.latency_ms:
+            s3._server.latency_s = latency / 1000
+            rates: dict = {"serial": [], "read_ahead": []}
+            for _ in range(a.rounds):
+                for mode in rates:
+                    conn.send((mode, a.batches))
+                    rates[mode].append(round(conn.recv(), 2))
+            results["latency_ms"][f"{latency:g}"] = rates
+            logger.info("latency %g ms: %s", latency, rates)
     print(json.dumps(results, indent=1))
 
 

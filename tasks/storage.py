@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import fsspec
 
+from tasks import s3_reader
+
 logger = logging.getLogger(__name__)
 
 
@@ -130,10 +132,30 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
     """Read whole objects concurrently where the backend can (s3fs, gcsfs, ...).
 
     Returns each path's bytes or the translated exception; never raises for a
-    single object so one bad object cannot fail its batch.
+    single object so one bad object cannot fail its batch. S3 objects go through
+    obstore where it reproduces s3fs's settings (``tasks.s3_reader``); whatever it
+    fails on is read again by fs, whose answer is the one returned.
     """
     if not paths:
         return {}
+    fast = s3_reader.reader_for(fs)
+    first = fast.read({p: fs._strip_protocol(p) for p in paths}) if fast else {}
+    again = [p for p in paths if not isinstance(first.get(p), bytes)]
+    raw = _cat(fs, again) if again else {}
+    values = {p: first.get(p) for p in paths}
+    values.update((p, raw.get(p, raw.get(fs._strip_protocol(p)))) for p in again)
+    if fast and again:
+        _judge(fast, first, {p: values[p] for p in again}, len(paths))
+    out: dict[str, bytes | OSError] = {}
+    for p, value in values.items():
+        if value is None:
+            value = FileNotFoundError(2, "object disappeared before it could be read", p)
+        out[p] = value if isinstance(value, bytes) else translate_error(value, p)
+    return out
+
+
+def _cat(fs, paths: list[str]) -> dict[str, Any]:
+    """fs.cat of ``paths``, one by one if the batched request fails as a whole."""
     try:
         raw = fs.cat(paths, on_error="return")
     except Exception as exc:  # the whole request failed: fall back to one by one
@@ -144,15 +166,20 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
                 raw[p] = fs.cat_file(p)
             except Exception as one:  # noqa: BLE001 - translated below
                 raw[p] = one
-    if not isinstance(raw, dict):  # a single path comes back as bytes
-        raw = {paths[0]: raw}
-    out: dict[str, bytes | OSError] = {}
-    for p in paths:
-        value = raw.get(p, raw.get(fs._strip_protocol(p)))
-        if value is None:
-            value = FileNotFoundError(2, "object disappeared before it could be read", p)
-        out[p] = value if isinstance(value, bytes) else translate_error(value, p)
-    return out
+    return raw if isinstance(raw, dict) else {paths[0]: raw}  # a single path comes back as bytes
+
+
+def _judge(fast, first: dict[str, Any], second: dict[str, Any], total: int) -> None:
+    """Stop the fast reader when s3fs read at least half of a batch that it had failed on.
+
+    A missing object fails on both; a passing error fails on a few. Half of a batch failing
+    there and reading here is a setting obstore does not follow, and every later batch would
+    be read twice.
+    """
+    recovered = [p for p, value in second.items() if isinstance(value, bytes)]
+    if recovered and 2 * len(recovered) >= total:
+        fast.disable(f"obstore failed on {len(recovered)} of {total} objects that s3fs read, e.g. "
+                     f"{recovered[0]}: {type(first[recovered[0]]).__name__}: {first_line(first[recovered[0]])}")
 
 
 def read_uris(uris: list[str], storage_options: dict[str, Any]) -> list[bytes | OSError]:

@@ -25,6 +25,7 @@ import images  # noqa: E402
 import options  # noqa: E402
 import procmem  # noqa: E402
 import read_ahead  # noqa: E402
+import s3_read  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
 
@@ -315,6 +316,20 @@ def test_read_ahead_runs_two_calls_at_once_with_a_third_waiting():
 
     read_ahead._two_threads(Actor(), list(range(7)), None)
     assert sorted(seen) == list(range(7)) and most[0] == 2
+
+
+def test_s3_read_measures_the_reader_each_mode_names(tmp_path, capsys):
+    """benchmarks/s3_read.py: obstore and s3fs alone, each checked to be the one reading, on the server."""
+    root = tmp_path / "small-8"
+    images.make_images(root, 8, "small", pool=2, workers=1)
+    cores = os.sched_getaffinity(0)
+    s3_read.main(["--images", str(root), "--latency-ms", "0", "--batch-size", "4", "--batches", "1",
+                  "--rounds", "1"])
+    assert os.sched_getaffinity(0) == cores  # the test process gets its cores back
+    out = json.loads(capsys.readouterr().out)
+    for mode in s3_read.MODES:
+        figures = out["latency_ms"]["0"][mode]
+        assert figures["median_cpu_ms"] > 0 and figures["median_wall_ms"] > 0
 
 
 def test_ours_runs_as_a_module_where_the_command_is_not_installed(tmp_path, monkeypatch):
