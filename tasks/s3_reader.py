@@ -65,6 +65,17 @@ class S3Reader:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3-read")
         return dict(zip(paths, self._pool.map(self._read_one, paths.values())))
 
+    @staticmethod
+    def readable(path: str) -> bool:
+        """Whether obstore reads exactly the ``bucket/key`` ``path``.
+
+        object_store's paths drop a key's leading or trailing '/' and refuse empty segments, so
+        it would read ``/a.jpg`` as ``a.jpg``, another object; such keys are s3fs's. Keys it
+        cannot parse (``.`` or ``..`` segments, control characters) raise, and s3fs reads them.
+        """
+        key = path.partition("/")[2]
+        return bool(key) and key[0] != "/" and key[-1] != "/" and "//" not in key
+
     def disable(self, reason: str) -> None:
         """Leave every later read to s3fs, saying why once."""
         if self.enabled:

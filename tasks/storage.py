@@ -139,13 +139,13 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
     if not paths:
         return {}
     fast = s3_reader.reader_for(fs)
-    first = fast.read({p: fs._strip_protocol(p) for p in paths}) if fast else {}
+    first = fast.read({p: s for p in paths if fast.readable(s := fs._strip_protocol(p))}) if fast else {}
     again = [p for p in paths if not isinstance(first.get(p), bytes)]
     raw = _cat(fs, again) if again else {}
     values = {p: first.get(p) for p in paths}
     values.update((p, raw.get(p, raw.get(fs._strip_protocol(p)))) for p in again)
-    if fast and again:
-        _judge(fast, first, {p: values[p] for p in again}, len(paths))
+    if first and len(again) > len(paths) - len(first):
+        _judge(fast, first, values)
     out: dict[str, bytes | OSError] = {}
     for p, value in values.items():
         if value is None:
@@ -169,16 +169,16 @@ def _cat(fs, paths: list[str]) -> dict[str, Any]:
     return raw if isinstance(raw, dict) else {paths[0]: raw}  # a single path comes back as bytes
 
 
-def _judge(fast, first: dict[str, Any], second: dict[str, Any], total: int) -> None:
-    """Stop the fast reader when s3fs read at least half of a batch that it had failed on.
+def _judge(fast, first: dict[str, Any], values: dict[str, Any]) -> None:
+    """Stop the fast reader when s3fs read at least half of what it tried in a batch and failed.
 
     A missing object fails on both; a passing error fails on a few. Half of a batch failing
     there and reading here is a setting obstore does not follow, and every later batch would
     be read twice.
     """
-    recovered = [p for p, value in second.items() if isinstance(value, bytes)]
-    if recovered and 2 * len(recovered) >= total:
-        fast.disable(f"obstore failed on {len(recovered)} of {total} objects that s3fs read, e.g. "
+    recovered = [p for p, value in first.items() if not isinstance(value, bytes) and isinstance(values[p], bytes)]
+    if recovered and 2 * len(recovered) >= len(first):
+        fast.disable(f"obstore failed on {len(recovered)} of {len(first)} objects that s3fs read, e.g. "
                      f"{recovered[0]}: {type(first[recovered[0]]).__name__}: {first_line(first[recovered[0]])}")
 
 

@@ -100,3 +100,23 @@ def test_the_environment_can_leave_every_read_to_s3fs(s3_server, monkeypatch):
     assert s3_reader.reader_for(fs) is not None
     monkeypatch.setenv(s3_reader.ENV, "s3fs")
     assert s3_reader.reader_for(fs) is None
+
+
+def test_keys_obstore_would_rewrite_are_read_by_s3fs(s3fs_client, s3_bucket, s3_server, monkeypatch):
+    """object_store reads key '/lead.jpg' as 'lead.jpg' and 'a/' as 'a': another object, silently."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    keys = ["/lead.jpg", "lead.jpg", "a//b.jpg", "a/b.jpg", "x/./y.jpg", "plain.jpg"]
+    for key in keys:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=f"bytes of {key}".encode())
+    options = {"endpoint_url": s3_server, "config_kwargs": {"connect_timeout": 6}}
+    fs, _ = filesystem(f"s3://{s3_bucket}/plain.jpg", options)
+    reader = s3_reader.reader_for(fs)
+    tried: list[str] = []
+    real = reader._read_one
+    monkeypatch.setattr(reader, "_read_one", lambda path: tried.append(path) or real(path))
+    out = read_many(fs, [f"{s3_bucket}/{key}" for key in keys])
+    assert out == {f"{s3_bucket}/{key}": f"bytes of {key}".encode() for key in keys}
+    assert sorted(tried) == sorted(f"{s3_bucket}/{key}" for key in ["lead.jpg", "a/b.jpg", "x/./y.jpg", "plain.jpg"])
+    assert reader.enabled  # 'x/./y.jpg', which obstore refuses, is one of four: not half
