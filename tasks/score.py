@@ -1,9 +1,10 @@
 """The scoring actor: a thin Ray actor class over ``deit_model.Scorer``."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -71,9 +72,11 @@ class ScoringActor:
         # one forward pass at a time. Device memory is not halved by it: the caching allocator
         # keeps each call thread's stream's blocks apart, about two forward passes' worth
         self._model_lock = threading.Lock()
-        # a CPU actor's one core decodes and scores one batch at a time; a second call only reads
-        # its images meanwhile (actor_pool.READ_AHEAD_CONCURRENCY). A GPU actor's calls overlap.
-        self._cpu_work = threading.Lock() if scorer.device.type == "cpu" else contextlib.nullcontext()
+        # a CPU actor's one core decodes and scores one batch at a time, always on this one thread;
+        # a second call only reads its images meanwhile (actor_pool.READ_AHEAD_CONCURRENCY). On the
+        # two call threads in turn, glibc kept a forward pass's buffers in each thread's arena:
+        # about 150 MiB more per actor (docs/architecture.md). A GPU actor's calls overlap.
+        self._cpu_worker = ThreadPoolExecutor(1, thread_name_prefix="cpu-work") if scorer.device.type == "cpu" else None
         if scorer.device.type == "cuda" and preprocessor.splits_exactly():  # else normalize() is never used
             _warm_normalize(preprocessor, scorer.device)
         from deit_model.profiling import profiler_from_env
@@ -94,16 +97,21 @@ class ScoringActor:
         schema = self._schemas.get(spec)
         if schema is None:  # one per run's output spec, built once
             schema = self._schemas[spec] = scored_schema(spec)
-        # read outside the CPU lock: this call waits for storage while another one works
+        # read on the call's own thread: this call waits for storage while another one works
         datas = read_batch(batch, context.decode["storage_options"]) if context.decode is not None else None
-        with self._cpu_work, self.scorer.stream():  # device work on this call thread's own CUDA stream
-            if context.decode is not None:
-                batch = decode_batch(batch, preprocessor=self.preprocessor, datas=datas, **context.decode)
-            batch, x = self._model_input(batch)
-            cols = self._prediction_columns(x, np.asarray(batch["decoded"], dtype=bool), spec)
+        work = functools.partial(self._decode_and_score, batch, context, datas)
+        batch, cols = work() if self._cpu_worker is None else self._cpu_worker.submit(work).result()
         if self._profiler is not None:
             self._profiler.on_call(len(batch["decoded"]))
         return _table({**_passthrough(batch, context, self.scorer.ref.revision), **cols}, schema)
+
+    def _decode_and_score(self, batch: dict[str, np.ndarray], context: BatchContext, datas) -> tuple[dict, dict]:
+        """(the batch's rows, their prediction columns): decoded from ``datas`` first where the actor decodes."""
+        with self.scorer.stream():  # device work on this call thread's own CUDA stream
+            if context.decode is not None:
+                batch = decode_batch(batch, preprocessor=self.preprocessor, datas=datas, **context.decode)
+            batch, x = self._model_input(batch)
+            return batch, self._prediction_columns(x, np.asarray(batch["decoded"], dtype=bool), context.spec)
 
     def _model_input(self, batch: dict[str, np.ndarray]):
         """(batch, the decoded rows' float32 pixels on the model's device, or None if there are none)."""

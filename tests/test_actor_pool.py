@@ -56,7 +56,8 @@ def test_gpu_actors_run_two_calls_on_uint8_pixels_and_cpu_actors_two_only_where_
 def test_a_cpu_actor_reads_one_batch_while_it_decodes_and_scores_another_never_two(
         tiny_checkpoint, photos, tmp_path, monkeypatch):
     """Two calls on one CPU actor (no Ray: its two call threads): the second's read runs while the
-    first holds the core, and decoding and scoring never run in both at once."""
+    first holds the core, and decoding and scoring never run in both at once, and always on one
+    thread of the actor's (one malloc arena keeps the forward pass's buffers, not two)."""
     import threading
 
     from tasks import score
@@ -64,7 +65,7 @@ def test_a_cpu_actor_reads_one_batch_while_it_decodes_and_scores_another_never_t
     settings, plan, decode, _ = _setup(tiny_checkpoint, photos, tmp_path)
     actor = ScoringActor(model=str(tiny_checkpoint), revision=None, device="cpu", dtype="fp32", top_k=3,
                          storage_options={})
-    first_inside, second_read, inside, most = threading.Event(), threading.Event(), [0], [0]
+    first_inside, second_read, inside, most, workers = threading.Event(), threading.Event(), [0], [0], set()
     real_read, real_decode = score.read_batch, score.decode_batch
 
     def read(batch, options):
@@ -73,6 +74,7 @@ def test_a_cpu_actor_reads_one_batch_while_it_decodes_and_scores_another_never_t
         return real_read(batch, options)
 
     def decode_batch(batch, **kw):
+        workers.add(threading.get_ident())
         inside[0] += 1
         most[0] = max(most[0], inside[0])
         try:
@@ -100,6 +102,7 @@ def test_a_cpu_actor_reads_one_batch_while_it_decodes_and_scores_another_never_t
         t.join(60)
     assert sorted(out) == [0, 1] and most[0] == 1
     assert [len(out[i]) for i in range(2)] == [4, 4]
+    assert len(workers) == 1 and workers.isdisjoint(t.ident for t in threads)
 
 
 def _setup(tiny_checkpoint, photos, tmp_path, **kw):

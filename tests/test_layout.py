@@ -28,6 +28,7 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
     import numpy as np
 
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from tasks.score import BatchContext, ScoringActor
 
@@ -50,7 +51,7 @@ def test_score_actor_trusts_the_decoded_flag_not_error_type():
 
     actor = object.__new__(ScoringActor)
     actor.scorer, actor.preprocessor, actor._schemas, actor._model_lock = _Scorer(), None, {}, threading.Lock()
-    actor._cpu_work = threading.Lock()  # as _attach sets it for a CPU actor
+    actor._cpu_worker = ThreadPoolExecutor(1)  # as _attach sets it for a CPU actor
     batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),
              "pixel_values": np.zeros((2, 3, 4, 4), np.float32),
              "error_type": np.array([np.nan, np.nan]), "error_message": np.array([np.nan, np.nan]),
