@@ -10,7 +10,7 @@ thread, as the CPU layout's actors run, and scores batches of ``--batch-size`` i
   (what a CPU actor did before 2026-12-05, ``max_concurrency=1``);
 * ``read_ahead``: two call threads with a third call waiting, as Ray runs an actor with
   ``max_concurrency=2`` under the pool's window of 3: one call decodes and scores while the
-  next reads (``ScoringActor``'s CPU lock).
+  next reads (``ScoringActor``'s one CPU-work thread).
 
 The modes alternate for ``--rounds`` at each latency, so a busy moment of a shared machine
 favours neither; it prints one JSON object with each round's images per second. The server's

@@ -37,7 +37,7 @@ MAX_WINDOW = 64  # calls in flight per actor, at most
 # copied and its rows built, which would otherwise leave the GPU idle between batches.
 GPU_CONCURRENCY = 2
 # A CPU actor that reads its own images runs two as well, but only one decodes and scores at a
-# time (ScoringActor's CPU lock): the other call reads its batch meanwhile, so the core does not
+# time (on ScoringActor's one CPU-work thread): the other call reads its batch meanwhile, so the core does not
 # wait for storage (one round trip per batch, tens of ms on S3). Fed by decode tasks, it runs one.
 READ_AHEAD_CONCURRENCY = 2
 

@@ -199,7 +199,6 @@ def read_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any]) ->
     return storage.read_uris([str(u) for u in batch["uri"]], storage_options)
 
 
-
 def _preprocess(images: list, rows: list[int], preprocess, errors: list, shape: tuple, dtype) -> np.ndarray:
     """``preprocess(images)`` as an array of ``shape``, the batch's own output as it is (no copy).
 

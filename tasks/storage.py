@@ -138,13 +138,14 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
     """
     if not paths:
         return {}
+    stripped = {p: fs._strip_protocol(p) for p in paths}
     fast = s3_reader.reader_for(fs)
-    first = fast.read({p: s for p in paths if fast.readable(s := fs._strip_protocol(p))}) if fast else {}
+    first = fast.read({p: s for p, s in stripped.items() if fast.readable(s)}) if fast else {}
     again = [p for p in paths if not isinstance(first.get(p), bytes)]
     raw = _cat(fs, again) if again else {}
     values = {p: first.get(p) for p in paths}
-    values.update((p, raw.get(p, raw.get(fs._strip_protocol(p)))) for p in again)
-    if first and len(again) > len(paths) - len(first):
+    values.update((p, raw.get(p, raw.get(stripped[p]))) for p in again)
+    if first:
         _judge(fast, first, values)
     out: dict[str, bytes | OSError] = {}
     for p, value in values.items():
