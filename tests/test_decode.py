@@ -138,11 +138,16 @@ def test_pixel_limit_above_pillows_default_is_honoured():
         PILImage.MAX_IMAGE_PIXELS = default
 
 
-def test_a_larger_pixel_limit_holds_while_another_thread_decodes():
+def test_a_larger_pixel_limit_holds_while_another_thread_decodes(monkeypatch):
     """PIL's limit is process-wide and GPU actors decode on two threads: one thread's restore of
-    the default must not make the other's large image a false too_many_pixels."""
+    the default must not make the other's large image a false too_many_pixels.
+
+    The interleaving that once did is forced rather than hoped for: the other thread is held
+    inside its own open (PIL's limit lifted to our default, the original saved to restore) while
+    the main thread lifts the limit to 400 MP and opens; the other thread's restore then lands in
+    the main thread's open unless the two opens are kept apart.
+    """
     import struct
-    import sys
     import threading
     import zlib
 
@@ -152,21 +157,26 @@ def test_a_larger_pixel_limit_holds_while_another_thread_decodes():
     # the header of a 200 MP PNG (over PIL's default, within the limit asked for), its data cut short
     big = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 10_000, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
-    small, stop, kinds = _encode(Image.new("RGB", (4, 4)), "PNG"), threading.Event(), set()
-    other = threading.Thread(target=lambda: [decode_image(small) for _ in iter(stop.is_set, True)])
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, as a busy actor does
+    small = _encode(Image.new("RGB", (4, 4)), "PNG")
+    real_open, in_open, main_opens, other_done = Image.open, *(threading.Event() for _ in range(3))
+
+    def open_(fp, *args, **kwargs):
+        if threading.current_thread() is other:
+            in_open.set()
+            main_opens.wait(timeout=0.5)  # held inside its open until the main thread opens too
+        else:
+            main_opens.set()
+            other_done.wait(timeout=0.5)  # the other thread's restore lands now, if nothing stops it
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_)
+    other = threading.Thread(target=lambda: (decode_image(small), other_done.set()))
     other.start()
-    try:
-        for _ in range(300):
-            with pytest.raises(DecodeError) as err:
-                decode_image(big, max_pixels=400_000_000)
-            kinds.add(err.value.error_type)
-    finally:
-        stop.set()
-        other.join()
-        sys.setswitchinterval(interval)
-    assert kinds == {d.CORRUPT}  # past the pixel check every time: the data is what is wrong
+    assert in_open.wait(timeout=5)
+    with pytest.raises(DecodeError) as err:
+        decode_image(big, max_pixels=400_000_000)
+    other.join()
+    assert err.value.error_type == d.CORRUPT  # past the pixel check: the data is what is wrong
 
 
 def test_each_preprocessor_keeps_its_own_output_shape(tiny_checkpoint, photos, tmp_path):
