@@ -65,9 +65,11 @@ def resolve_checkpoint(
         ref = _fetch_hub(name if "/" in name else f"timm/{name}", revision)
         return CheckpointRef(model, ref.local_dir, model, ref.revision)
     if "://" in model and not model.startswith("file://"):
+        _no_branch_of_a_directory(model, revision)
         return _fetch_remote_dir(model, storage_options or {}, identify)
     local = model[len("file://"):] if model.startswith("file://") else model
     if os.path.isdir(local):
+        _no_branch_of_a_directory(model, revision)
         _check_weights(local)
         local = os.path.abspath(local)  # workers may run elsewhere than the driver's cwd
         return CheckpointRef(Path(local).name, local, local, content_hash(local) if identify else None)
@@ -78,6 +80,15 @@ def resolve_checkpoint(
             "facebook/deit-base-distilled-patch16-224"
         )
     return _fetch_hub(model, revision)
+
+
+def _no_branch_of_a_directory(model: str, revision: str | None) -> None:
+    """A checkpoint directory has no branches, tags or commits: its revision is its content hash."""
+    if revision is not None and not revision.startswith("sha256:"):
+        raise ModelLoadError(
+            f"revision {revision!r} names a hub branch, tag or commit, but model {model!r} is a checkpoint "
+            "directory; drop the revision, or give the directory's content hash (sha256:..., in a run's manifest) "
+            "to check its weights")
 
 
 def _fetch_hub(repo_id: str, revision: str | None) -> CheckpointRef:

@@ -254,8 +254,10 @@ def show_runs(output: str, run_id: str | None = None, storage_options: dict | No
         print(json.dumps(manifest_record(summary), indent=2, default=str))
         return EXIT_OK
     with storage_checked(output):
-        runs = list_runs(output, storage_options)
         fs, root = storage.filesystem(output, storage_options)
+        if fs.exists(root) and fs.isfile(root):
+            raise UsageError(f"output {output} is a file; pass the --output of a run (a folder or prefix)")
+        runs = list_runs(output, storage_options)
         if not runs and not fs.exists(root):
             raise UsageError(f"no output at {output}; pass the --output of a run")
     print(f"{'run_id':<28} {'status':<11} {'started_at':<26} {'listed':>8} {'scored':>8} {'failed':>7}  model")

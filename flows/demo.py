@@ -75,9 +75,11 @@ def demo_model() -> str:
 
 def run_demo(output: str = "demo-output", num_images: int = 24) -> int:
     """Generate images, run the flow on them, show what was written."""
-    from .cli import run_flow
+    from .cli import UsageError, run_flow
 
     out = Path(output).resolve()
+    if out.is_file():
+        raise UsageError(f"output {output} is a file; --output names a folder for the demo's images and dataset")
     images = out / "sample-images"
     if not images.exists():  # generated once: a second demo run shows the incremental skip
         # into a temporary folder first, so an interrupted generation is not taken for a whole one

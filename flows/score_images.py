@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 from tasks import storage
 from tasks.commit import commit, discard_staging, roll_forward
 from tasks.pipeline import ErrorThresholdExceeded, check_failures, score_run
-from tasks.plan import RunInfo, new_run, plan_run, resumed_run, run_checkpoint
+from tasks.plan import RunInfo, RunRefused, new_run, plan_run, resumed_run, run_checkpoint
 from tasks.report import RunSummary, public_parameters, read_manifest, top_labels, write_manifest
 from tasks.settings import ScoreSettings, settings_docstring, settings_signature
 
@@ -93,6 +93,14 @@ def _open(settings: ScoreSettings) -> tuple[RunInfo, RunSummary, bool]:
                              started_at=run.started_at)
         return run, summary, False
     previous.message = ""
+    if previous.status == "committed":  # nothing to do, whatever the options (README, "Exit codes")
+        run = RunInfo(previous.run_id, previous.run_date, previous.started_at, settings.output)
+        try:
+            resumed_run(settings, previous)
+        except RunRefused as exc:
+            logger.warning("%s; it is committed, so nothing was done (a new run without --run-id scores "
+                           "with these options)", str(exc).split(";")[0])
+        return run, previous, True
     run = resumed_run(settings, previous)
     fs, plan = storage.filesystem(run.plan_uri, settings.storage_options)
     return run, previous, fs.exists(plan)  # a run that died while planning plans again
@@ -166,11 +174,18 @@ def _kinds(by_type: dict[str, int]) -> str:
 def _record_failure(summary: RunSummary, run: RunInfo, settings: ScoreSettings, exc: Exception) -> None:
     # Best effort: the output itself may be what failed. The run's own error
     # is what the caller must see, so a failure here is only logged.
-    if summary.status == "committing":
+    try:
+        # the disk's word, not only this process's: past the commit point the run is in the
+        # dataset whatever failed after it, and "failed" there would hide it from planning
+        on_disk = read_manifest(settings.output, run.run_id, settings.storage_options)
+    except Exception:  # noqa: BLE001
+        on_disk = None
+    status = on_disk.status if on_disk is not None and on_disk.status in ("committing", "committed") else summary.status
+    if status in ("committing", "committed"):
         # the manifest already lists every file: the next run on this output
         # finishes the move (roll_forward) rather than losing or repeating it
-        logger.error("run %s failed while committing (%s); the next run will finish the commit",
-                     run.run_id, exc)
+        logger.error("run %s failed while %s (%s); %s", run.run_id, status, exc,
+                     "the next run will finish the commit" if status == "committing" else "its data is committed")
         return
     summary.status, summary.message = "failed", f"{type(exc).__name__}: {exc}"[:2000]
     try:

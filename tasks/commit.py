@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -84,7 +85,15 @@ def count_done(done: pa.Table) -> tuple[int, int, dict[str, int]]:
 
 
 def commit(summary: RunSummary, run: RunInfo, storage_options: dict | None = None) -> RunSummary:
-    """Move the run's staged files into the dataset and mark it committed."""
+    """Move the run's staged files into the dataset and mark it committed.
+
+    A run committed already (a retry of this step after its commit point) is left as it is:
+    writing it again would give it a later ``committed_at``, and move it past runs committed since.
+    """
+    current = read_manifest(run.output, run.run_id, storage_options)
+    if current is not None and current.status == "committed":
+        logger.info("run %s is committed already", run.run_id)
+        return current
     staged = staged_files(run, storage_options)
     # a set: on an object store a move is a copy then a delete, so a commit that died between the
     # two finds the file both moved and still staged
@@ -106,10 +115,15 @@ def _finish(summary: RunSummary, run: RunInfo, staged: list[str], storage_option
     if current is not None and current.status == "committed":
         logger.info("run %s was committed meanwhile, by another process", run.run_id)
         return current
-    summary.status = "committed"
-    summary.committed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # a copy: should this write fail, the caller's summary still says committing, as the disk does
+    summary = replace(summary, status="committed",
+                      committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_manifest(summary, run, storage_options)  # the commit point
-    discard_staging(run, storage_options)
+    try:
+        discard_staging(run, storage_options)
+    except Exception:  # noqa: BLE001 - the run is committed: its leftovers must not fail it
+        logger.warning("run %s is committed, but its staging area %s could not be deleted; delete it later",
+                       run.run_id, run.staging_dir, exc_info=True)
     logger.info("committed run %s: %d files", run.run_id, len(summary.files))
     return summary
 

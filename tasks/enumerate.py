@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .atomic import write_atomic
 from .schema import PLAN_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
             entries = _walk(fs, path)
         elif fs.exists(path):
             entries = [(path, fs.info(path))]
-        elif _GLOB_CHARS & set(path):
+        elif _GLOB_CHARS & set(path) and _glob_root_exists(fs, path):
             entries = fs.glob(path, detail=True).items()
         else:
             raise storage.InputNotFoundError(
@@ -70,6 +71,17 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
         raise
     except Exception as exc:  # backend errors while listing
         raise storage.translate_error(exc, input_uri) from exc
+
+
+def _glob_root_exists(fs, pattern: str) -> bool:
+    """Whether the folder before ``pattern``'s first glob character exists.
+
+    A glob under a folder that is not there (a typo, a renamed prefix) would match nothing,
+    and a nightly run would commit no images night after night instead of failing.
+    """
+    first = min(pattern.find(c) for c in _GLOB_CHARS if c in pattern)
+    cut = pattern.rfind("/", 0, first)
+    return cut < 0 or fs.exists(pattern[:cut] or "/")
 
 
 def _walk(fs, root: str) -> Iterator[tuple[str, dict]]:
@@ -89,7 +101,7 @@ def write_plan(plan: pa.Table, plan_uri: str, storage_options: dict | None = Non
     buf = io.BytesIO()
     pq.write_table(plan.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA), buf, compression="zstd",
                    row_group_size=_PLAN_CHUNK)
-    storage.write_atomic(fs, path, buf.getvalue())
+    write_atomic(fs, path, buf.getvalue())
     logger.info("planned %d images into %s", plan.num_rows, plan_uri)
     return plan.num_rows
 

@@ -206,6 +206,29 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
                                          failed_before=count_done(done)[1], on_progress=on_progress)
     else:  # nothing to score: read it here (the driver imports the model libraries only then)
         preprocessing = load_preprocessor(ref.local_dir).to_dict()
-    scored, failed, by_type = count_done(done_rows(run, settings.storage_options))
+    final = done_rows(run, settings.storage_options)
+    check_complete(plan, final, run)
+    scored, failed, by_type = count_done(final)
     files = staged_files(run, settings.storage_options) + moved_files(run, settings.storage_options)
     return WriteResult(scored, failed, files, by_type, preprocessing, earlier=done.num_rows)
+
+
+class IncompleteRunError(RuntimeError):
+    """Planned images have no row in the run's files: the run must not be committed."""
+
+
+def check_complete(plan: pa.Table, done: pa.Table, run) -> None:
+    """Raise IncompleteRunError unless every planned URI has a row in the run's files (``done``).
+
+    The last check before a commit, whose clean-up deletes the staging area: whatever made a
+    row go missing (files the listing did not find, a batch lost on the way), the run fails
+    instead, its staged files kept, and a rerun of its id scores what is missing.
+    """
+    lacking = plan.filter(pc.invert(pc.is_in(plan["uri"], value_set=done["uri"])))
+    missing = lacking.num_rows
+    if missing:
+        example = lacking["uri"][0].as_py()
+        raise IncompleteRunError(
+            f"{missing} of the {plan.num_rows} planned images have no row in run {run.run_id}'s files "
+            f"(one: {example}); nothing was committed or deleted. Rerun with --run-id {run.run_id} "
+            "to score what is missing")

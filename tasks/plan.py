@@ -105,6 +105,10 @@ def run_checkpoint(settings: ScoreSettings, pinned: str | None = None):
             f"model {settings.model} is now revision {ref.revision}, but this run was planned with {pinned}, "
             "and one run's rows come from one model: restore that checkpoint to resume the run, or start a "
             "new run without --run-id")
+    if (settings.revision or "").startswith("sha256:") and ref.revision != settings.revision:
+        # a directory's content hash given as its revision is a check of its weights
+        raise CheckpointChanged(f"model directory {settings.model} is revision {ref.revision}, not the "
+                                f"{settings.revision} that the revision option names: its files are other ones")
     return ref
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 from . import storage
+from .atomic import write_atomic
 from .plan import RunInfo
 from .schema import table_of
 from .settings import ScoreSettings
@@ -92,18 +93,37 @@ def write_manifest(summary: RunSummary, run: RunInfo, storage_options: dict | No
     """Write ``_runs/<run_id>/manifest.json`` in one piece and return its URI."""
     fs, path = storage.filesystem(run.manifest_uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    storage.write_atomic(fs, path, json.dumps(manifest_record(summary), indent=2, default=str).encode())
+    write_atomic(fs, path, json.dumps(manifest_record(summary), indent=2, default=str).encode())
     return storage.to_uri(fs, path)
+
+
+class ManifestError(OSError):
+    """A run's manifest cannot be read (cut short by a crash of the machine, edited by hand, foreign)."""
 
 
 def read_manifest(output: str, run_id: str, storage_options: dict | None = None) -> RunSummary | None:
     """The manifest of ``run_id`` under ``output``, or None if that run never started."""
     fs, path = storage.filesystem(storage.join(output, "_runs", run_id, "manifest.json"), storage_options)
     try:
-        with fs.open(path, "r") as fh:
-            return summary_of(json.load(fh), path)
+        return _load(fs, path)
     except FileNotFoundError:
         return None
+
+
+def _load(fs, path: str) -> RunSummary:
+    """The manifest at ``path``; ManifestError, naming it, if it is no manifest.
+
+    Why not skip it: a committed run that planning did not see would be scored again, its rows
+    then twice in the dataset. Every run on the output stops instead, saying which file to mend.
+    """
+    with fs.open(path, "r") as fh:
+        text = fh.read()
+    try:
+        return summary_of(json.loads(text), path)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ManifestError(f"run manifest {storage.to_uri(fs, path)} cannot be read ({type(exc).__name__}: "
+                            f"{storage.first_line(exc, 120)}); restore it from a backup, or move its run folder "
+                            "out of _runs if that run's files are not in the dataset") from None
 
 
 def manifest_record(summary: RunSummary) -> dict:
@@ -131,8 +151,7 @@ def list_runs(output: str, storage_options: dict | None = None) -> list[RunSumma
     fs, root = storage.filesystem(storage.join(output, "_runs"), storage_options)
     runs = []
     for path in sorted(fs.glob(f"{root}/*/manifest.json")):
-        with fs.open(path, "r") as fh:
-            runs.append(summary_of(json.load(fh), path))
+        runs.append(_load(fs, path))
     return sorted(runs, key=lambda r: (r.started_at, r.run_id))
 
 

@@ -100,6 +100,16 @@ class ScoreSettings(BaseModel):
                              "then deploy again)")
         return v.strip()
 
+    @field_validator("output")
+    @classmethod
+    def _output_literal(cls, v: str) -> str:
+        # fsspec reads '*', '?' and '[' as patterns wherever it lists, moves or deletes: under
+        # "scores [v2]" the commit would find none of the run's staged files and discard them
+        if set(v) & set("*?["):
+            raise ValueError("must not contain '*', '?' or '[' (the storage layer reads them as patterns); "
+                             "choose a folder name without them")
+        return v
+
     @field_validator("run_id")
     @classmethod
     def _run_id_safe(cls, v: Optional[str]) -> Optional[str]:
@@ -148,6 +158,13 @@ def settings_docstring(summary: str, model: type[BaseModel] = ScoreSettings) -> 
     return f"{summary}\n\nArgs:\n{args}\n"
 
 
+# a field's name in a message: those with an underscore, or any before '=' ("device=cuda"); plain
+# words such as "input" or "model" are left as they are
+_FIELDS = sorted(ScoreSettings.model_fields, key=len, reverse=True)
+_FIELD_IN_TEXT = re.compile(r"\b(?:" + "|".join(n for n in _FIELDS if "_" in n) + r")\b"
+                            r"|\b(?:" + "|".join(_FIELDS) + r")(?==)")
+
+
 def format_validation_error(exc, name=str, whole: str = "settings") -> str:
     """One line from a pydantic ValidationError: 'field: message (got X)' per problem.
 
@@ -160,5 +177,7 @@ def format_validation_error(exc, name=str, whole: str = "settings") -> str:
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own ValueErrors
+        if not loc:  # a rule between fields names them in its message: as the reader typed them too
+            message = _FIELD_IN_TEXT.sub(lambda m: name(m.group(0)), message)
         parts.append(f"{name(loc) if loc else whole}: {message}{shown}")
     return "; ".join(parts)

@@ -2,7 +2,7 @@
 
 Files go to the run's staging area (``_staging/<run_id>/...``), invisible to
 readers, and move into the dataset when the run commits (:mod:`tasks.commit`).
-Each file appears whole or not at all (:class:`storage.AtomicWriter`). Files
+Each file appears whole or not at all (:class:`tasks.atomic.AtomicWriter`). Files
 roll over every ``rows_per_file`` rows, so a large run makes a few big files
 rather than thousands of small ones, and at least every ``checkpoint_seconds``,
 which bounds the work a crash can lose; row groups hold ``ROW_GROUP_ROWS`` rows
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .atomic import AtomicWriter
 from .schema import ERRORS_SCHEMA, OutputSpec, parquet_options, partition_dir, predictions_schema, split_scored
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class _RollingFile:
         self.fs, self.dir, self.schema, self.prefix = fs, directory, schema, prefix
         self.rows_per_file, self.checkpoint_seconds = rows_per_file, checkpoint_seconds
         self.seq, self.rows, self.opened_at = 0, 0, 0.0
-        self.out: storage.AtomicWriter | None = None
+        self.out: AtomicWriter | None = None
         self.writer: pq.ParquetWriter | None = None
         self.files: list[str] = []
         # slices not yet in the file: pyarrow ends a row group with every write_table call, so
@@ -94,7 +95,7 @@ class _RollingFile:
     def _open(self) -> None:
         self.fs.makedirs(self.dir, exist_ok=True)
         path = f"{self.dir}/{self.prefix}-{self.seq:05d}.parquet"
-        self.out = storage.AtomicWriter(self.fs, path)
+        self.out = AtomicWriter(self.fs, path)
         self.writer = pq.ParquetWriter(self.out.handle, self.schema, **parquet_options(self.schema))
         self.seq, self.opened_at = self.seq + 1, time.monotonic()
 

@@ -34,14 +34,15 @@ def test_help_lists_every_setting(capsys):
         (["run", "--input", "x", "--output", "y", "--top-k", "0"], "--top-k: Input should be greater than or equal to 1"),
         (["run", "--input", "x", "--output", "y", "--run-id", "a/b"], "--run-id: use letters"),
         (["run", "--input", "x", "--output", "y", "--modified-after", "2030-01-01", "--modified-before", "2020-01-01"],
-         "options: modified_after (2030-01-01T00:00:00) must be earlier"),
+         "options: --modified-after (2030-01-01T00:00:00) must be earlier"),
         (["run", "--input", "x", "--output", "y", "--top-k", "five"], "invalid int value"),
         (["run", "--output", "y"], "--input"),
         (["run", "--input", "x", "--output", "y", "--dtype", "int8"], "invalid choice"),
         (["run", "--input", "x", "--output", "y", "--storage-options", "[1]"], "JSON object"),
-        (["run", "--input", "x", "--output", "y", "--fast-decode", "--device-decode"], "choose one"),
-        (["run", "--input", "x", "--output", "y", "--device", "cuda", "--gpus-per-actor", "0"], "gpus_per_actor"),
+        (["run", "--input", "x", "--output", "y", "--fast-decode", "--device-decode"], "--fast-decode and --device-"),
+        (["run", "--input", "x", "--output", "y", "--device", "cuda", "--gpus-per-actor", "0"], "needs --gpus-per-actor"),
         (["demo", "--num-images", "0"], "at least 1"),
+        (["run", "--input", "x", "--output", "/data/scores [v2]"], "must not contain '*', '?' or '['"),
         (["runs", "--output", "nosuchproto://x/"], "Protocol not known"),
     ],
 )
@@ -70,6 +71,30 @@ def test_an_output_that_is_a_file_or_missing_exits_2(capsys, tmp_path, tiny_chec
     assert code == EXIT_USAGE and "no output at" in err
     (tmp_path / "empty").mkdir()
     assert _run(capsys, "runs", "--output", str(tmp_path / "empty"))[0] == EXIT_OK  # a dataset with no runs yet
+    for argv in (["runs", "--output", str(a_file)], ["demo", "--output", str(a_file)]):
+        code, _, err = _run(capsys, *argv)
+        assert code == EXIT_USAGE and "is a file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_glob_under_a_missing_folder_exits_2(capsys, tmp_path, tiny_checkpoint, image_dir):
+    """A renamed prefix must fail the run, not commit no images night after night."""
+    code, _, err = _run(capsys, "run", "--input", str(tmp_path / "renamed" / "**" / "*.jpg"), "--output",
+                        str(tmp_path / "o"), "--model", str(tiny_checkpoint))
+    assert code == EXIT_USAGE and "does not exist" in err and len(err.strip().splitlines()) == 1
+    from tasks.enumerate import list_images
+
+    assert len(list(list_images(str(image_dir / "photos" / "*.jpg")))) > 0  # one under a folder that is there
+
+
+@pytest.mark.parametrize("text", ["{bad", '{"run_id": "r1"}', "[]", ""])
+def test_an_unreadable_manifest_is_named_in_one_line(capsys, tmp_path, text):
+    """A manifest cut short (a crash of the machine) or foreign: its path and what to do, exit 2."""
+    (tmp_path / "_runs" / "r1").mkdir(parents=True)
+    (tmp_path / "_runs" / "r1" / "manifest.json").write_text(text)
+    for argv in (["runs", "--output", str(tmp_path)], ["runs", "--output", str(tmp_path), "--run-id", "r1"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1
+        assert "_runs/r1/manifest.json cannot be read" in err and "move its run folder" in err
 
 
 def _no_aws_credentials(monkeypatch, tmp_path):

@@ -88,6 +88,21 @@ def test_local_revision_is_a_content_hash(tmp_path, tiny_checkpoint):
     assert resolve_checkpoint(str(copy), identify=False).revision is None  # for readers of the config only
 
 
+def test_a_directory_has_no_branches_and_its_hash_checks_its_weights(tmp_path, tiny_checkpoint):
+    """A hub revision given for a checkpoint directory was once ignored without a word."""
+    from tasks.plan import CheckpointChanged, run_checkpoint
+    from tasks.settings import ScoreSettings
+
+    with pytest.raises(ModelLoadError, match="'v2' names a hub branch.*is a checkpoint directory"):
+        resolve_checkpoint(str(tiny_checkpoint), revision="v2")
+    revision = resolve_checkpoint(str(tiny_checkpoint)).revision
+    settings = ScoreSettings(input="in", output="out", model=str(tiny_checkpoint), revision=revision)
+    assert run_checkpoint(settings).revision == revision
+    other = settings.model_copy(update={"revision": "sha256:" + "0" * 64})
+    with pytest.raises(CheckpointChanged, match=f"is revision {revision}, not the sha256:0+ that"):
+        run_checkpoint(other)
+
+
 def test_content_hash_is_computed_once_per_process(tmp_path, tiny_checkpoint, monkeypatch):
     import builtins
 

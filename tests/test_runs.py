@@ -196,6 +196,26 @@ def test_crash_while_committing_is_rolled_forward(ray_cluster, prefect_harness, 
     exactly_once(out, "nightly-crash", [f"file://{p}" for p in photos.iterdir()])
 
 
+def test_a_staged_file_the_listing_misses_fails_the_run_and_loses_nothing(
+        ray_cluster, prefect_harness, tiny_checkpoint, photos, tmp_path, monkeypatch):
+    """Planned images without a row (here: a staged file the listing did not return) stop the
+    commit, whose clean-up would delete the staging area; a rerun of the id commits them all."""
+    import tasks.commit as commit_mod
+
+    out = tmp_path / "out"
+    common = dict(input=str(photos), output=str(out), model=str(tiny_checkpoint), rows_per_file=3, **FAST)
+    real = commit_mod.staged_files
+    monkeypatch.setattr(commit_mod, "staged_files", lambda run, options=None: real(run, options)[1:])
+    state, _ = _run(**common, run_id="half-seen")
+    assert state.is_failed() and "planned images have no row" in state.message
+    manifest = json.loads((out / "_runs" / "half-seen" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and not (out / "predictions").exists()
+    assert len(real(commit_mod.RunInfo("half-seen", manifest["run_date"], "", str(out)))) >= 2  # all kept
+    monkeypatch.setattr(commit_mod, "staged_files", real)
+    assert _ok(**common, run_id="half-seen").status == "committed"
+    exactly_once(out, "half-seen", [f"file://{p}" for p in photos.iterdir()])
+
+
 def _wait_for(predicate, timeout=240.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

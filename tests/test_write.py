@@ -65,7 +65,7 @@ def test_an_aborted_object_store_write_never_publishes_what_was_written(s3fs_cli
 
     from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
-    from tasks.storage import AtomicWriter
+    from tasks.atomic import AtomicWriter
 
     store: dict[str, bytes] = {}
 
@@ -125,7 +125,7 @@ def test_a_file_that_cannot_be_finished_leaves_nothing_open(tmp_path, monkeypatc
     """If finishing the predictions file fails, the errors file is aborted, not left to the collector."""
     import pytest
 
-    from tasks import storage
+    from tasks import atomic
 
     spec = OutputSpec(8)
     batch = _scored(spec, 4, 8)
@@ -134,16 +134,16 @@ def test_a_file_that_cannot_be_finished_leaves_nothing_open(tmp_path, monkeypatc
     writer = DatasetWriter(str(tmp_path), model_name="m", run_id="r", run_date="2026-12-02", spec=spec,
                            rows_per_file=1000)
     writer.write(pa.concat_tables([batch.slice(2), errors]))
-    real_close, aborted = storage.AtomicWriter.close, []
-    real_abort = storage.AtomicWriter.abort
+    real_close, aborted = atomic.AtomicWriter.close, []
+    real_abort = atomic.AtomicWriter.abort
 
     def failing_close(self):
         if "predictions" in self.path:
             raise OSError("the store refused the upload")
         return real_close(self)
 
-    monkeypatch.setattr(storage.AtomicWriter, "close", failing_close)
-    monkeypatch.setattr(storage.AtomicWriter, "abort", lambda self: aborted.append(self.path) or real_abort(self))
+    monkeypatch.setattr(atomic.AtomicWriter, "close", failing_close)
+    monkeypatch.setattr(atomic.AtomicWriter, "abort", lambda self: aborted.append(self.path) or real_abort(self))
     with pytest.raises(OSError, match="refused"):
         writer.close()
     assert sorted("errors" in p for p in aborted) == [False, True]  # both aborted
