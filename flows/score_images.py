@@ -19,7 +19,7 @@ from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from tasks import storage
-from tasks.commit import commit, discard_staging, roll_forward
+from tasks.commit import RunTakenOver, check_claim, claim_run, commit, discard_staging, roll_forward
 from tasks.pipeline import ErrorThresholdExceeded, check_failures, score_run
 from tasks.plan import RunInfo, RunRefused, new_run, plan_run, resumed_run, run_checkpoint
 from tasks.report import RunSummary, public_parameters, read_manifest, top_labels, write_manifest
@@ -69,7 +69,7 @@ def score_task(settings: ScoreSettings, run: RunInfo, pinned: str | None) -> dic
     result = score_run(settings, run, ref, on_progress=progress_reporter(f"run {run.run_id}"))
     return {"scored": result.scored, "failed": result.failed, "errors_by_type": result.errors_by_type,
             "attempt_images": result.scored + result.failed - result.earlier,
-            "preprocessing": result.preprocessing,
+            "preprocessing": result.preprocessing, "files": result.files,  # what the commit may take
             "top_labels": top_labels(result.files, settings.storage_options)}
 
 
@@ -126,6 +126,7 @@ def _score_images(**params):
         return summary
     summary.attempts += 1
     try:
+        run = claim_run(run, settings.storage_options)
         _plan_and_score(settings, run, summary, resumed)
         check_failures(settings, summary.to_score, summary.failed, summary.errors_by_type)
         if summary.listed == 0:
@@ -174,6 +175,13 @@ def _kinds(by_type: dict[str, int]) -> str:
 def _record_failure(summary: RunSummary, run: RunInfo, settings: ScoreSettings, exc: Exception) -> None:
     # Best effort: the output itself may be what failed. The run's own error
     # is what the caller must see, so a failure here is only logged.
+    try:
+        check_claim(run, settings.storage_options)
+    except RunTakenOver as taken:  # the run, its manifest and its staging are the later attempt's now
+        logger.error("%s", taken)
+        return
+    except Exception:  # noqa: BLE001 - the output may be what failed: record as best we can
+        pass
     try:
         # the disk's word, not only this process's: past the commit point the run is in the
         # dataset whatever failed after it, and "failed" there would hide it from planning

@@ -13,11 +13,19 @@ A crash during 2 is rolled forward by the next run of the same output
 in it. A rerun of an unfinished run finds the files it already wrote (staged,
 or moved by an interrupted commit) and scores only the rest, so every planned
 URI ends up exactly once in predictions or errors.
+
+Each attempt claims the run (:func:`claim_run`) and commits only the files it
+counted: those there when it started, and its own. An earlier attempt still
+running when a later one claimed the run stops before its commit.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import secrets
+import socket
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -26,13 +34,70 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
-from .plan import RunInfo
+from .atomic import write_atomic
+from .plan import RunInfo, RunRefused
 from .report import RunSummary, list_runs, read_manifest, write_manifest
 from .schema import table_of
 
 logger = logging.getLogger(__name__)
 
 TABLES = ("predictions", "errors")
+
+
+class IncompleteRunError(RuntimeError):
+    """Planned images, or files the run counted, are missing: the run must not be committed."""
+
+
+class RunTakenOver(RunRefused):
+    """Another attempt of this run started after this one: that one goes on, this one stops."""
+
+
+def check_complete(plan: pa.Table, done: pa.Table, run: RunInfo) -> None:
+    """Raise IncompleteRunError unless every planned URI has a row in the run's files (``done``).
+
+    The last check before a commit, whose clean-up deletes the staging area: whatever made a
+    row go missing (files the listing did not find, a batch lost on the way), the run fails
+    instead, its staged files kept, and a rerun of its id scores what is missing.
+    """
+    lacking = plan.filter(pc.invert(pc.is_in(plan["uri"], value_set=done["uri"])))
+    missing = lacking.num_rows
+    if missing:
+        example = lacking["uri"][0].as_py()
+        raise IncompleteRunError(
+            f"{missing} of the {plan.num_rows} planned images have no row in run {run.run_id}'s files "
+            f"(one: {example}); nothing was committed or deleted. Rerun with --run-id {run.run_id} "
+            "to score what is missing")
+
+
+def claim_run(run: RunInfo, storage_options: dict | None = None) -> RunInfo:
+    """``run`` with an attempt of its own, recorded as the run's latest (``_runs/<id>/attempt.json``).
+
+    Nothing locks a run: a user may resume one whose process is still alive (Prefect called it
+    crashed, say). Both would then score the same images. The later attempt wins: it counts only
+    the files that existed when it started and its own, and the earlier one, finding another
+    attempt recorded, stops before its commit (:func:`check_claim`).
+    """
+    token = secrets.token_hex(4)
+    record = {"attempt": token, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "host": socket.gethostname(), "pid": os.getpid()}
+    fs, path = storage.filesystem(run.claim_uri, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    write_atomic(fs, path, json.dumps(record).encode())
+    return replace(run, attempt=token)
+
+
+def check_claim(run: RunInfo, storage_options: dict | None = None) -> None:
+    """Raise RunTakenOver if an attempt other than ``run``'s was recorded since it claimed the run."""
+    if not run.attempt:
+        return  # a caller that never claimed (a test, a tool): nothing to compare
+    fs, path = storage.filesystem(run.claim_uri, storage_options)
+    with fs.open(path, "r") as fh:
+        record = json.load(fh)
+    if record.get("attempt") != run.attempt:
+        raise RunTakenOver(
+            f"run {run.run_id} was resumed by another attempt (started {record.get('started_at')} on "
+            f"{record.get('host')}, pid {record.get('pid')}) while this one ran; that attempt commits it, "
+            "and this one stopped without committing")
 _DONE_SCHEMA = pa.schema([("uri", pa.string()), ("error_type", pa.string())])
 
 
@@ -62,9 +127,15 @@ def final_uri(run: RunInfo, staged: str, storage_options: dict | None = None) ->
     return storage.to_uri(fs, f"{root.rstrip('/')}/{rel}")
 
 
-def done_rows(run: RunInfo, storage_options: dict | None = None) -> pa.Table:
-    """URIs the run already wrote (uri, error_type; error_type null for predictions)."""
-    files = staged_files(run, storage_options) + moved_files(run, storage_options)
+def run_files(run: RunInfo, storage_options: dict | None = None) -> list[str]:
+    """The run's complete files: staged, or moved by an interrupted commit."""
+    return staged_files(run, storage_options) + moved_files(run, storage_options)
+
+
+def done_rows(run: RunInfo, storage_options: dict | None = None, files: list[str] | None = None) -> pa.Table:
+    """URIs the run already wrote (uri, error_type; error_type null for predictions), in ``files``
+    where given, else in all of :func:`run_files`."""
+    files = run_files(run, storage_options) if files is None else files
     parts = [_DONE_SCHEMA.empty_table()]
     fs = storage.filesystem(run.output, storage_options)[0]
     for uri in files:
@@ -94,13 +165,36 @@ def commit(summary: RunSummary, run: RunInfo, storage_options: dict | None = Non
     if current is not None and current.status == "committed":
         logger.info("run %s is committed already", run.run_id)
         return current
-    staged = staged_files(run, storage_options)
+    check_claim(run, storage_options)
+    staged = _counted(run, summary.files, storage_options)
     # a set: on an object store a move is a copy then a delete, so a commit that died between the
     # two finds the file both moved and still staged
-    summary.files = sorted({*moved_files(run, storage_options), *(final_uri(run, s, storage_options) for s in staged)})
+    summary.files = sorted({*(f for f in summary.files if not _is_staged(run, f, storage_options)),
+                            *(final_uri(run, s, storage_options) for s in staged)})
     summary.status = "committing"
     write_manifest(summary, run, storage_options)  # the intent, with the full file list
     return _finish(summary, run, staged, storage_options)
+
+
+def _is_staged(run: RunInfo, uri: str, storage_options: dict | None) -> bool:
+    fs, staging = storage.filesystem(run.staging_dir, storage_options)
+    return fs._strip_protocol(uri).startswith(staging.rstrip("/") + "/")
+
+
+def _counted(run: RunInfo, files: list[str], storage_options: dict | None) -> list[str]:
+    """The staged files among ``files`` (what the attempt counted); IncompleteRunError if any is gone.
+
+    Only these are committed: a staged file the attempt did not count (an earlier attempt's,
+    still running when this one started) would put its images in the dataset twice.
+    """
+    wanted = {final_uri(run, f, storage_options) if _is_staged(run, f, storage_options) else f for f in files}
+    staged = [s for s in staged_files(run, storage_options) if final_uri(run, s, storage_options) in wanted]
+    found = {*(final_uri(run, s, storage_options) for s in staged), *(set(moved_files(run, storage_options)) & wanted)}
+    if found != wanted:
+        lost = sorted(wanted - found)
+        raise IncompleteRunError(f"{len(lost)} of the files run {run.run_id} counted are neither staged nor in the "
+                                 f"dataset (one: {lost[0]}); nothing was committed")
+    return staged
 
 
 def _finish(summary: RunSummary, run: RunInfo, staged: list[str], storage_options: dict | None) -> RunSummary:
@@ -153,7 +247,9 @@ def roll_forward(output: str, storage_options: dict | None = None) -> list[str]:
             continue
         run = RunInfo(summary.run_id, summary.run_date, summary.started_at, output)
         logger.warning("run %s crashed while committing: finishing its commit", run.run_id)
-        _finish(summary, run, staged_files(run, storage_options), storage_options)
+        listed = set(summary.files)  # the staged files of an attempt that was taken over are not
+        staged = [s for s in staged_files(run, storage_options) if final_uri(run, s, storage_options) in listed]
+        _finish(summary, run, staged, storage_options)
         done.append(run.run_id)
     return done
 

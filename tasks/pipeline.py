@@ -177,14 +177,17 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
     Rows the run already wrote (in an earlier, interrupted attempt) are not
     scored again, so resuming never duplicates.
     """
-    from .commit import count_done, done_rows, moved_files, staged_files
+    from .commit import check_complete, count_done, done_rows, run_files
     from .enumerate import read_plan
     from .ray_cluster import ray_session
 
     spec = OutputSpec(embedding_dim(ref.local_dir), float16=settings.embedding_dtype == "float16",
                       token_features=settings.token_features)
     plan = read_plan(run.plan_uri, settings.storage_options)
-    done = done_rows(run, settings.storage_options)
+    # what this attempt counts: the files there now, and its own; not what another attempt of the
+    # run, still running, writes meanwhile (tasks.commit.claim_run)
+    earlier_files = run_files(run, settings.storage_options)
+    done = done_rows(run, settings.storage_options, earlier_files)
     remaining = plan.filter(pc.invert(pc.is_in(plan["uri"], done["uri"])))
     if done.num_rows:
         logger.info("resuming run %s: %d images already written, %d to go", run.run_id, done.num_rows,
@@ -195,40 +198,21 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
                     "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str),
                     "fast_decode": str(settings.fast_decode).lower(),
                     "device_decode": str(settings.device_decode).lower()}
-        return DatasetWriter(run.staging_dir, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
-                             spec=spec, rows_per_file=settings.rows_per_file,
-                             checkpoint_seconds=settings.checkpoint_seconds,
-                             storage_options=settings.storage_options, metadata=metadata)
+        writers.append(DatasetWriter(run.staging_dir, model_name=ref.name, run_id=run.run_id, run_date=run.run_date,
+                                     spec=spec, rows_per_file=settings.rows_per_file,
+                                     checkpoint_seconds=settings.checkpoint_seconds,
+                                     storage_options=settings.storage_options, metadata=metadata))
+        return writers[-1]
 
+    writers: list[DatasetWriter] = []
     if remaining.num_rows:
         with ray_session(settings.resolved_ray_address()):
             preprocessing = run_pipeline(settings, remaining, ref, open_writer, run.run_id, planned=plan.num_rows,
                                          failed_before=count_done(done)[1], on_progress=on_progress)
     else:  # nothing to score: read it here (the driver imports the model libraries only then)
         preprocessing = load_preprocessor(ref.local_dir).to_dict()
-    final = done_rows(run, settings.storage_options)
+    files = earlier_files + [f for w in writers for f in w.result.files]
+    final = done_rows(run, settings.storage_options, files)
     check_complete(plan, final, run)
     scored, failed, by_type = count_done(final)
-    files = staged_files(run, settings.storage_options) + moved_files(run, settings.storage_options)
     return WriteResult(scored, failed, files, by_type, preprocessing, earlier=done.num_rows)
-
-
-class IncompleteRunError(RuntimeError):
-    """Planned images have no row in the run's files: the run must not be committed."""
-
-
-def check_complete(plan: pa.Table, done: pa.Table, run) -> None:
-    """Raise IncompleteRunError unless every planned URI has a row in the run's files (``done``).
-
-    The last check before a commit, whose clean-up deletes the staging area: whatever made a
-    row go missing (files the listing did not find, a batch lost on the way), the run fails
-    instead, its staged files kept, and a rerun of its id scores what is missing.
-    """
-    lacking = plan.filter(pc.invert(pc.is_in(plan["uri"], value_set=done["uri"])))
-    missing = lacking.num_rows
-    if missing:
-        example = lacking["uri"][0].as_py()
-        raise IncompleteRunError(
-            f"{missing} of the {plan.num_rows} planned images have no row in run {run.run_id}'s files "
-            f"(one: {example}); nothing was committed or deleted. Rerun with --run-id {run.run_id} "
-            "to score what is missing")

@@ -39,6 +39,7 @@ class RunInfo:
     run_date: str  # UTC date of the run's start: the run_date partition
     started_at: str  # ISO 8601, UTC
     output: str
+    attempt: str = ""  # this attempt's claim on the run (tasks.commit.claim_run); "" before it has one
 
     @property
     def run_dir(self) -> str:
@@ -52,6 +53,10 @@ class RunInfo:
     @property
     def manifest_uri(self) -> str:
         return storage.join(self.run_dir, "manifest.json")
+
+    @property
+    def claim_uri(self) -> str:
+        return storage.join(self.run_dir, "attempt.json")
 
     @property
     def staging_dir(self) -> str:

@@ -19,17 +19,75 @@ from tasks.write import DatasetWriter
 from .test_write import _scored
 
 
+def _stage(run: RunInfo, uris: range) -> list[str]:
+    """One attempt's staged file holding rows for ``uris``; its URI."""
+    spec = OutputSpec(8)
+    writer = DatasetWriter(run.staging_dir, model_name="m", run_id=run.run_id, run_date=run.run_date, spec=spec,
+                           rows_per_file=100)
+    rows = _scored(spec, max(uris) + 1, 8).take(list(uris))
+    writer.write(rows)
+    return writer.close().files
+
+
 def _staged_run(out, run_id="r1", rows=3) -> tuple[RunInfo, RunSummary]:
     run = RunInfo(run_id, "2026-12-05", "2026-12-05T00:00:00+00:00", str(out))
-    spec = OutputSpec(8)
-    writer = DatasetWriter(run.staging_dir, model_name="m", run_id=run_id, run_date=run.run_date, spec=spec,
-                           rows_per_file=10)
-    writer.write(_scored(spec, rows, 8))
-    result = writer.close()
+    files = _stage(run, range(rows))
     summary = RunSummary(run_id, "running", "m", "/in", str(out), run_date=run.run_date, started_at=run.started_at,
-                         scored=result.scored)
+                         scored=rows, files=files)
     write_manifest(summary, run)
     return run, summary
+
+
+def _dataset_uris(out) -> list[str]:
+    import duckdb
+
+    return [r[0] for r in duckdb.sql(f"select uri from read_parquet('{out}/predictions/**/*.parquet') "
+                                     "order by uri").fetchall()]
+
+
+def test_a_run_resumed_while_its_first_attempt_lives_commits_each_image_once(tmp_path):
+    """Attempt A is still scoring when B resumes the run: B counts the files there when it
+    started and its own; A, finding B's claim, stops before its commit; A's later file, which
+    holds images B scored too, never reaches the dataset."""
+    run = RunInfo("r1", "2026-12-05", "2026-12-05T00:00:00+00:00", str(tmp_path))
+    a = commit_mod.claim_run(run)
+    a_first = _stage(a, range(0, 3))
+    b = commit_mod.claim_run(run)  # B starts: it counts A's first file as done
+    assert commit_mod.run_files(b) == a_first
+    b_own = _stage(b, range(3, 6))
+    a_later = _stage(a, range(3, 6))  # A goes on meanwhile, scoring what B scores
+    summary = RunSummary("r1", "running", "m", "/in", str(tmp_path), run_date=run.run_date, started_at=run.started_at)
+    write_manifest(summary, run)
+    with pytest.raises(commit_mod.RunTakenOver, match="resumed by another attempt"):
+        commit_mod.commit(RunSummary(**{**summary.__dict__, "files": a_first + a_later}), a)
+    assert not (tmp_path / "predictions").exists()
+    done = commit_mod.commit(RunSummary(**{**summary.__dict__, "files": a_first + b_own}), b)
+    assert done.status == "committed" and len(done.files) == 2
+    assert _dataset_uris(tmp_path) == [f"file:///images/{i:05d}.jpg" for i in range(6)]  # each once
+    assert not (tmp_path / "_staging" / "r1").exists()
+
+
+def test_a_roll_forward_moves_only_the_files_its_manifest_lists(tmp_path, monkeypatch):
+    run = RunInfo("r1", "2026-12-05", "2026-12-05T00:00:00+00:00", str(tmp_path))
+    a = commit_mod.claim_run(run)
+    _stage(a, range(3, 6))  # the earlier attempt's file, which the later one did not count
+    b = commit_mod.claim_run(run)
+    counted = _stage(b, range(0, 6))
+    summary = RunSummary("r1", "running", "m", "/in", str(tmp_path), run_date=run.run_date, files=counted)
+    monkeypatch.setattr(commit_mod, "_move", lambda *a: (_ for _ in ()).throw(OSError("died mid-commit")))
+    with pytest.raises(OSError):
+        commit_mod.commit(summary, b)
+    monkeypatch.undo()
+    assert commit_mod.roll_forward(str(tmp_path)) == ["r1"]
+    assert _dataset_uris(tmp_path) == [f"file:///images/{i:05d}.jpg" for i in range(6)]
+
+
+def test_a_counted_file_that_is_gone_stops_the_commit(tmp_path):
+    run, summary = _staged_run(tmp_path)
+    summary.files = summary.files + [summary.files[0].replace("-00000.parquet", "-00001.parquet")]
+    with pytest.raises(commit_mod.IncompleteRunError, match="1 of the files run r1 counted are neither"):
+        commit_mod.commit(summary, run)
+    assert not (tmp_path / "predictions").exists()
 
 
 def test_a_staging_area_that_cannot_be_deleted_leaves_the_run_committed(tmp_path, monkeypatch, caplog):
@@ -100,7 +158,7 @@ def test_two_writers_of_one_manifest_both_finish_and_leave_whole_json(tmp_path):
 
 
 def test_a_planned_image_without_a_row_stops_the_commit():
-    from tasks.pipeline import IncompleteRunError, check_complete
+    from tasks.commit import IncompleteRunError, check_complete
 
     run = RunInfo("r1", "2026-12-05", "", "/out")
     plan = pa.table({"uri": ["a", "b", "c"]})

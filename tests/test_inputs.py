@@ -162,6 +162,7 @@ def test_a_commit_killed_between_a_copy_and_its_delete_lists_each_file_once(tmp_
     import fsspec
 
     from tasks.commit import commit, roll_forward
+    from tasks.commit import staged_files
     from tasks.history import committed_files, committed_runs, read_files
     from tasks.plan import RunInfo
     from tasks.report import RunSummary, read_manifest, write_manifest
@@ -175,7 +176,8 @@ def test_a_commit_killed_between_a_copy_and_its_delete_lists_each_file_once(tmp_
                                  "model_revision": ["r"]}), buf)
         fs.pipe(f"{out}/_staging/{run.run_id}/predictions/model_slug=m/run_date=2026-01-01/"
                 f"part-{run.run_id}-aaaaaa-{i:05d}.parquet", buf.getvalue())
-    summary = RunSummary(run.run_id, "running", "m", "in", out, run_date=run.run_date, started_at=run.started_at)
+    summary = RunSummary(run.run_id, "running", "m", "in", out, run_date=run.run_date, started_at=run.started_at,
+                         files=staged_files(run))  # as the score step counted them
     write_manifest(summary, run)
     real_rm, calls = type(fs).rm, []
 
@@ -213,8 +215,8 @@ def test_a_commit_finished_by_two_processes_at_once_stays_committed(tmp_path, mo
     staged.mkdir(parents=True)
     for i in range(3):
         pq.write_table(pa.table({"uri": [f"file:///img{i}.jpg"]}), staged / f"part-run-a-abcdef-{i:05d}.parquet")
-    summary = RunSummary("run-a", "committing", "m", "in", str(out), run_date=run.run_date,
-                         started_at=run.started_at, files=[])
+    summary = RunSummary("run-a", "committing", "m", "in", str(out), run_date=run.run_date, started_at=run.started_at,
+                         files=[commit_mod.final_uri(run, f) for f in commit_mod.staged_files(run)])
     write_manifest(summary, run)  # run A has written its intent and is moving its files...
     real_staged, listed, a_done, errors = commit_mod.staged_files, threading.Event(), threading.Event(), []
 

@@ -198,8 +198,9 @@ def test_crash_while_committing_is_rolled_forward(ray_cluster, prefect_harness, 
 
 def test_a_staged_file_the_listing_misses_fails_the_run_and_loses_nothing(
         ray_cluster, prefect_harness, tiny_checkpoint, photos, tmp_path, monkeypatch):
-    """Planned images without a row (here: a staged file the listing did not return) stop the
-    commit, whose clean-up would delete the staging area; a rerun of the id commits them all."""
+    """A staged file the listing does not return stops the commit, whose clean-up would delete the
+    staging area (the score step counted the file as written; tests/test_commit.py has the check
+    that every planned image has a row); a rerun of the id commits them all."""
     import tasks.commit as commit_mod
 
     out = tmp_path / "out"
@@ -207,7 +208,7 @@ def test_a_staged_file_the_listing_misses_fails_the_run_and_loses_nothing(
     real = commit_mod.staged_files
     monkeypatch.setattr(commit_mod, "staged_files", lambda run, options=None: real(run, options)[1:])
     state, _ = _run(**common, run_id="half-seen")
-    assert state.is_failed() and "planned images have no row" in state.message
+    assert state.is_failed() and "IncompleteRunError" in state.message and "nothing was committed" in state.message
     manifest = json.loads((out / "_runs" / "half-seen" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and not (out / "predictions").exists()
     assert len(real(commit_mod.RunInfo("half-seen", manifest["run_date"], "", str(out)))) >= 2  # all kept
