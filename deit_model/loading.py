@@ -175,34 +175,49 @@ def probe_hub(endpoint: str | None = None) -> str | None:
 
 
 def _fetch_remote_dir(uri: str, storage_options: dict, identify: bool = True) -> CheckpointRef:
-    """Copy a checkpoint directory from object storage into the local cache once."""
+    """Copy a checkpoint directory from object storage into the local cache, again once it changes.
+
+    The copy is named by the URI and by what the store lists under it (names, sizes, ETags or
+    times): one listing per resolve, so new weights at the same URI are fetched, where a copy
+    kept by URI alone was used for ever.
+    """
     import fsspec
 
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    target = cache_root() / "checkpoints" / key
-    done = target / ".complete"
-    if not done.exists():
-        try:
-            fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-            files = [f for f in fs.find(path) if not f.endswith("/")]
-            if not files:
-                raise FileNotFoundError(uri)
-            tmp = target.with_name(key + f".tmp{os.getpid()}")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        listing = {name: info for name, info in fs.find(path, detail=True).items()
+                   if info.get("type") != "directory" and not name.endswith("/")}
+        if not listing:
+            raise FileNotFoundError(uri)
+        target = cache_root() / "checkpoints" / _listing_key(uri, path, listing)
+        if not (target / ".complete").exists():
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             tmp.mkdir(parents=True, exist_ok=True)
-            for remote in files:
+            for remote in listing:
                 rel = os.path.relpath(remote, path.rstrip("/"))
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(remote, str(tmp / rel))
             (tmp / ".complete").write_text(uri)
             os.replace(tmp, target) if not target.exists() else None
-        except FileNotFoundError as exc:
-            raise ModelLoadError(f"model directory {uri!r} does not exist or is empty") from exc
-        except Exception as exc:  # OSError, and what drivers raise besides: unknown scheme, no credentials
-            detail = next((line for line in str(exc).splitlines() if line.strip()), "")
-            raise ModelLoadError(f"cannot read model directory {uri!r}: {type(exc).__name__}: {detail}") from exc
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"model directory {uri!r} does not exist or is empty") from exc
+    except Exception as exc:  # OSError, and what drivers raise besides: unknown scheme, no credentials
+        detail = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise ModelLoadError(f"cannot read model directory {uri!r}: {type(exc).__name__}: {detail}") from exc
     _check_weights(str(target))
     return CheckpointRef(uri.rstrip("/").rsplit("/", 1)[-1], str(target), uri,
                          content_hash(str(target)) if identify else None)
+
+
+def _listing_key(uri: str, root: str, listing: dict) -> str:
+    """16 hex digits naming one version of a remote directory: its URI, files, sizes and versions."""
+    digest = hashlib.sha256(uri.rstrip("/").encode())
+    for name in sorted(listing):
+        info = listing[name]
+        version = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "updated", "mtime")
+                        if info.get(k) is not None), "")
+        digest.update(f"\0{os.path.relpath(name, root.rstrip('/'))}\0{info.get('size')}\0{version}".encode())
+    return digest.hexdigest()[:16]
 
 
 _HASHED = (".json", ".safetensors", ".bin")

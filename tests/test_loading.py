@@ -1,6 +1,7 @@
 """Checkpoint resolution: local dirs, fsspec URIs, the hub, and refusals."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -47,15 +48,27 @@ def test_unsupported_architecture(tmp_path, tiny_checkpoint):
         inspect_checkpoint(resolve_checkpoint(str(other)).local_dir)
 
 
-def test_checkpoint_from_s3_is_fetched_once(tiny_checkpoint, s3fs_client, s3_bucket, s3_server):
+def test_checkpoint_from_s3_is_fetched_once_per_version(tiny_checkpoint, s3fs_client, s3_bucket, s3_server,
+                                                        tmp_path):
     s3fs_client.put(str(tiny_checkpoint), f"{s3_bucket}/models/tiny", recursive=True)
-    uri = f"s3://{s3_bucket}/models/tiny"
-    ref = resolve_checkpoint(uri, storage_options={"endpoint_url": s3_server})
+    uri, options = f"s3://{s3_bucket}/models/tiny", {"endpoint_url": s3_server}
+    ref = resolve_checkpoint(uri, storage_options=options)
     assert ref.name == "tiny" and ref.source == uri
     assert inspect_checkpoint(ref.local_dir).embedding_dim == 64
-    s3fs_client.rm(f"{s3_bucket}/models/tiny", recursive=True)  # cached: no second download
-    again = resolve_checkpoint(uri, storage_options={"endpoint_url": s3_server})
-    assert again.local_dir == ref.local_dir
+    marker = os.path.join(ref.local_dir, ".complete")
+    copied_at = os.stat(marker).st_mtime_ns
+    again = resolve_checkpoint(uri, storage_options=options)
+    assert again.local_dir == ref.local_dir and os.stat(marker).st_mtime_ns == copied_at  # not copied again
+    # new weights at the same URI (a nightly job's model updated in place): a new copy, a new revision
+    weights = bytearray((tiny_checkpoint / "model.safetensors").read_bytes())
+    weights[-4:] = b"\1\2\3\4"
+    (tmp_path / "model.safetensors").write_bytes(bytes(weights))
+    s3fs_client.put(str(tmp_path / "model.safetensors"), f"{s3_bucket}/models/tiny/model.safetensors")
+    updated = resolve_checkpoint(uri, storage_options=options)
+    assert updated.local_dir != ref.local_dir and updated.revision != ref.revision
+    s3fs_client.rm(f"{s3_bucket}/models/tiny", recursive=True)
+    with pytest.raises(ModelLoadError, match="does not exist or is empty"):
+        resolve_checkpoint(uri, storage_options=options)
 
 
 def test_unreachable_hub_fails_fast_with_one_clear_line(monkeypatch):
