@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
@@ -40,6 +41,12 @@ GPU_CONCURRENCY = 2
 # time (on ScoringActor's one CPU-work thread): the other call reads its batch meanwhile, so the core does not
 # wait for storage (one round trip per batch, tens of ms on S3). Fed by decode tasks, it runs one.
 READ_AHEAD_CONCURRENCY = 2
+# While the driver waits for results, an actor that stays down this long (restarting, or waiting
+# for a GPU that a lost node took with it) fails the run instead of hanging it; so does one
+# that restarts this many times without a result coming back (a process dying as it starts).
+ACTOR_DOWN_LIMIT_S = 600.0
+ACTOR_RESTART_LIMIT = 10
+_WATCH_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,9 @@ class ScorerPool:
         """The preprocessing the actors apply (for lineage); waits for the first actor to be up."""
         import ray
 
-        return ray.get(self.actors[0].preprocessing.remote())
+        ref = self.actors[0].preprocessing.remote()
+        self._wait([ref])
+        return ray.get(ref)
 
     def imap(self, batches: Iterable[dict], context: BatchContext, window: int = 2,
              decode_cpus: float = 0.0) -> Iterator[pa.Table]:
@@ -143,15 +152,18 @@ class ScorerPool:
                 self._wait_up(self.actors[0])  # a restarting actor is not this batch's death
                 batch = suspects.pop()
                 in_flight[call(self.actors[0], batch, alone=True)] = (0, batch, True)
+                load[0] += 1
             if not in_flight:
                 return
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            [ref] = self._wait(list(in_flight))
             i, batch, alone = in_flight.pop(ref)
             load[i] -= 1
             try:
                 table = ray.get(ref)  # an error the code raised is raised here, as the run's
             except crashes.deaths() as exc:
-                died += 1
+                # only a death alone is surely its batch's: the calls in flight beside the one that
+                # killed a process die with it, and counting them let one poison image fail a run
+                died += alone
                 if died > crashes.CRASH_BUDGET:
                     raise crashes.ScoringProcessDied(f"scoring processes died {died} times; the last on "
                                                      f"{crashes.describe(batch)}: {exc}") from exc
@@ -179,18 +191,43 @@ class ScorerPool:
             return method.remote(arg, context_ref)
         return call
 
-    @staticmethod
-    def _wait_up(actor, timeout: float = 300.0) -> None:
-        """Return once ``actor`` answers (it may be restarting after a death)."""
-        import time
+    def _wait(self, refs: list) -> list:
+        """``ray.wait`` for one of ``refs``, watching the actors: one down too long fails the run.
 
+        Without the watch, a call to an actor that never comes back (its restart waits for a GPU
+        that a lost node took with it, or its process dies as it starts) waited for ever.
+        """
+        import ray
+
+        first: dict[int, tuple[float, int]] = {}  # actor index -> (when first seen down, its restarts)
+        while True:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=_WATCH_EVERY_S)
+            if ready:
+                return ready
+            now = time.monotonic()
+            for i, actor in enumerate(self.actors):
+                state, restarts = actor_state(actor)
+                if state in (None, "ALIVE"):
+                    first.pop(i, None)
+                    continue
+                since, restarts_then = first.setdefault(i, (now, restarts))
+                if now - since > ACTOR_DOWN_LIMIT_S or restarts - restarts_then >= ACTOR_RESTART_LIMIT:
+                    raise crashes.ScoringProcessDied(
+                        f"scoring actor {i} has been {state} for {now - since:.0f} s and restarted "
+                        f"{restarts - restarts_then} times meanwhile: its process dies as it starts, or the "
+                        "resources it needs are gone (a lost node); fix that and rerun the run's id")
+
+    def _wait_up(self, actor, timeout: float = 300.0) -> None:
+        """Return once ``actor`` answers (it may be restarting after a death)."""
         import ray
         from ray.exceptions import ActorUnavailableError
 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                ray.get(actor.preprocessing.remote())
+                ref = actor.preprocessing.remote()
+                self._wait([ref])
+                ray.get(ref)
                 return
             except ActorUnavailableError:  # restarting: ask again
                 if time.monotonic() > deadline:
@@ -208,6 +245,17 @@ class ScorerPool:
             for actor in self.actors:
                 ray.kill(actor)
         self.actors = []
+
+
+def actor_state(actor) -> tuple[str | None, int]:
+    """(state, restarts) of ``actor`` as Ray's control store has them; (None, 0) if it cannot say."""
+    try:
+        import ray._private.state as ray_state  # no public call without the dashboard, which is off
+
+        info = ray_state.actors(actor_id=actor._actor_id.hex())
+        return info.get("State"), int(info.get("NumRestarts") or 0)
+    except Exception:  # noqa: BLE001 - a Ray without this call: the watch only stays blind
+        return None, 0
 
 
 def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ from .score import BatchContext, process_error_rows
 
 logger = logging.getLogger(__name__)
 
-CRASH_BUDGET = 16  # calls per run that may die before the run fails
+CRASH_BUDGET = 16  # calls run alone (surely their batch's deaths) that may die before the run fails
 
 
 class ScoringProcessDied(RuntimeError):

@@ -63,8 +63,9 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef,
     # actors load the already-resolved local copy when they share this machine's
     # disk; on a remote cluster they resolve the original reference themselves, at
     # the resolved revision (hub commit), so every actor loads the weights the driver recorded
-    pool = take_pool(pool_spec(settings, ref.source, ref.revision, placement))
+    pool = None
     try:
+        pool = take_pool(pool_spec(settings, ref.source, ref.revision, placement))
         preprocessing = pool.preprocessing()
         writer = open_writer(preprocessing)
         try:
@@ -74,7 +75,8 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef,
             raise
         writer.close()
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
         if requested:
             release_resources()
     return preprocessing

@@ -97,15 +97,18 @@ def await_placement(settings: ScoreSettings) -> tuple[Placement, bool]:
     logger.info("waiting up to %.0f s for the cluster to provide %d x %s + %g decode CPUs",
                 settings.resource_wait_seconds, actors, actor, decode_cpus)
     deadline = time.monotonic() + settings.resource_wait_seconds
-    while True:
-        time.sleep(2.0)
-        try:
-            return plan_placement(settings, *cluster_resources()), True
-        except ResourceError as exc:
-            if time.monotonic() > deadline:
-                release_resources()
-                raise ResourceError(f"{exc} (still, after waiting {settings.resource_wait_seconds:g} s "
-                                    "for the autoscaler)") from None
+    try:
+        while True:
+            time.sleep(2.0)
+            try:
+                return plan_placement(settings, *cluster_resources()), True
+            except ResourceError as exc:
+                if time.monotonic() > deadline:
+                    raise ResourceError(f"{exc} (still, after waiting {settings.resource_wait_seconds:g} s "
+                                        "for the autoscaler)") from None
+    except BaseException:  # the deadline, Ctrl-C, a failing cluster: the request must not outlive the run
+        release_resources()
+        raise
 
 
 def release_resources() -> None:

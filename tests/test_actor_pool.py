@@ -29,6 +29,103 @@ def test_plan_batches_cover_the_plan_once_as_numpy():
     assert list(plan_batches(plan.slice(0, 0), 32)) == []
 
 
+class _Ref:
+    """A call's result as the fake Ray below hands it back: a table, or the error a death raises."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return _Ref(self.fn(*args))
+
+    def options(self, **_):
+        return self
+
+
+class _FakeActor:
+    """An actor whose process dies on any batch holding "poison"; records each call's actor."""
+
+    def __init__(self, index: int, calls: list):
+        import ray.exceptions
+
+        def score(batch, context):
+            calls.append(index)
+            dies = any("poison" in u.rsplit("/", 1)[-1] for u in batch["uri"])
+            return ray.exceptions.RayActorError() if dies else pa.table({"uri": list(batch["uri"])})
+
+        self.score_batch, self.preprocessing = _Method(score), _Method(lambda: {})
+
+
+def _fake_ray(monkeypatch):
+    """ray.wait/get/put over _Refs: the first call sent is the first to finish."""
+    import ray
+
+    def get(ref, timeout=None):
+        if isinstance(ref.value, Exception):
+            raise ref.value
+        return ref.value
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (refs[:1], refs[1:]))
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "put", lambda value: value)
+
+
+def test_after_a_poison_image_every_actor_still_gets_batches(tmp_path, monkeypatch):
+    """The bisection's calls run alone on actor 0; their load once went uncounted, so that after
+    one poison image every later batch went to actor 0 and the others idled (found in review)."""
+    from tasks import actor_pool
+    from tasks.enumerate import list_images, plan_table
+    from tasks.score import BatchContext
+
+    for i in range(40):
+        (tmp_path / (f"{i:02d}-poison.jpg" if i == 3 else f"{i:02d}.jpg")).write_bytes(b"x")
+    plan = plan_table(list(list_images(str(tmp_path))))
+    _fake_ray(monkeypatch)
+    calls: list[int] = []
+    pool = object.__new__(actor_pool.ScorerPool)
+    pool.spec, pool.actors = None, [_FakeActor(0, calls), _FakeActor(1, calls)]
+    out = pa.concat_tables(pa.table({"uri": t["uri"].to_pylist()}) for t in pool.imap(
+        plan_batches(plan, 2), BatchContext("r", "m", OutputSpec(8), {}), window=2))
+    assert sorted(out["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())  # every image once
+    assert calls[-12:].count(1) >= 4, calls  # the last batches, well after the bisection, are shared
+
+
+def test_only_deaths_alone_count_against_the_crash_budget(tmp_path, monkeypatch):
+    """Calls in flight beside the one that killed a process die with it, and must not use up the budget."""
+    from tasks import actor_pool, crashes
+    from tasks.enumerate import list_images, plan_table
+    from tasks.score import BatchContext
+
+    for i in range(12):
+        (tmp_path / (f"{i:02d}-poison.jpg" if i == 0 else f"{i:02d}.jpg")).write_bytes(b"x")
+    plan = plan_table(list(list_images(str(tmp_path))))
+    _fake_ray(monkeypatch)
+    monkeypatch.setattr(crashes, "CRASH_BUDGET", 2)  # the poison's own deaths alone: 2 (its pair, then it)
+    calls: list[int] = []
+    pool = object.__new__(actor_pool.ScorerPool)
+    pool.spec, pool.actors = None, [_FakeActor(0, calls)]
+    real = _FakeActor(0, calls).score_batch.fn
+    neighbours = iter(range(3))
+
+    def also_kills_the_next_calls(batch, context):  # the three calls after the poison's die too
+        result = real(batch, context)
+        if not isinstance(result, Exception) and len(batch["uri"]) == 2 and next(neighbours, None) is not None:
+            import ray.exceptions
+
+            return ray.exceptions.RayActorError()
+        return result
+
+    pool.actors[0].score_batch = _Method(also_kills_the_next_calls)
+    out = pa.concat_tables(pa.table({"uri": t["uri"].to_pylist()}) for t in pool.imap(
+        plan_batches(plan, 2), BatchContext("r", "m", OutputSpec(8), {}), window=4))
+    assert sorted(out["uri"].to_pylist()) == sorted(plan["uri"].to_pylist())
+
+
 @pytest.mark.parametrize("decode_cpus, spare, actors, concurrency, window", [
     (0, 0, 2, 1, 2),  # in-actor decoding: one call scoring, one queued
     (0, 0, 1, 2, 3),  # a GPU actor running two calls at once: both, and one queued
@@ -279,6 +376,43 @@ def test_processes_that_keep_dying_fail_the_run_naming_the_batch(ray_cluster, ti
     try:
         with pytest.raises(crashes.ScoringProcessDied, match=r"died 2 times; the last on a batch of \d+ images"):
             list(pool.imap(plan_batches(plan, 4), BatchContext("r", "m", OutputSpec(64), decode), window=2))
+    finally:
+        pool.close()
+
+
+class _DiesAsItRestarts:
+    """An actor whose process dies on its first batch and then in every restart's constructor."""
+
+    def __init__(self, model, **_):
+        self.marker = model
+        if os.path.exists(self.marker):
+            os._exit(1)
+
+    def preprocessing(self):
+        return {}
+
+    def score_batch(self, batch, context):
+        open(self.marker, "w").close()
+        os._exit(1)
+
+
+def test_an_actor_that_cannot_come_back_fails_the_run_instead_of_hanging(ray_cluster, tmp_path, monkeypatch):
+    """Ray restarts it for ever and holds its calls meanwhile: the driver's wait once did too."""
+    import ray
+
+    from tasks import actor_pool, crashes
+    from tasks.score import BatchContext
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(actor_pool, "_WATCH_EVERY_S", 1.0)
+    monkeypatch.setattr(actor_pool, "ACTOR_RESTART_LIMIT", 2)
+    spec = actor_pool.PoolSpec(str(tmp_path / "dead"), None, "cpu", "fp32", 3, "{}", 1, 0.5, 0.0)
+    pool = actor_pool.ScorerPool(spec, actor_cls=_DiesAsItRestarts)
+    plan = pa.table({"uri": ["file:///a.jpg"], "source_size": [1], "source_etag": ["e"], "source_mtime": [None]},
+                    schema=PLAN_SCHEMA)
+    try:
+        with pytest.raises(crashes.ScoringProcessDied, match=r"scoring actor 0 has been RESTARTING .* restarted"):
+            list(pool.imap(plan_batches(plan, 1), BatchContext("r", "m", OutputSpec(8), {}), window=1))
     finally:
         pool.close()
 

@@ -193,6 +193,23 @@ def test_waiting_for_resources_gives_up_with_a_clear_message(ray_cluster):
         await_placement(_settings(num_actors=3, resource_wait_seconds=3))
 
 
+def test_an_interrupted_wait_for_resources_withdraws_its_request(monkeypatch):
+    """Ray keeps an autoscaler request until another replaces it: Ctrl-C must not leave one standing."""
+    from tasks import placement
+
+    requests = []
+    monkeypatch.setattr(placement, "_request_resources", requests.append)
+    monkeypatch.setattr(placement, "cluster_resources", lambda: (2.0, 0.0))
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(placement.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        placement.await_placement(_settings(num_actors=3, resource_wait_seconds=60))
+    assert len(requests) == 2 and requests[0] and requests[-1] == []
+
+
 def test_run_files_are_matched_exactly_by_run_id(tmp_path):
     """Run "nightly" must never claim the files of run "nightly-2" (resume and commit rely on it)."""
     from tasks.commit import moved_files
