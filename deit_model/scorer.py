@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.pipelines import image_classification as hf_ic
 
 from .loading import CheckpointRef, resolve_checkpoint
 from .model import LoadedModel, create_model
@@ -69,6 +70,8 @@ class Scorer:
         self.embedding_dim = info.embedding_dim
         self.activation = info.activation
         self.id2label = info.labels
+        # transformers' pipeline computes its scores in numpy; timm's model cards with torch
+        self._pipeline_scores = info.backend == "transformers" and self.activation != "none"
 
     def stream(self) -> contextlib.AbstractContextManager:
         """A context in which this thread's device work runs on its own CUDA stream (none elsewhere).
@@ -100,10 +103,16 @@ class Scorer:
         # not topk: its order among equal scores is arbitrary (and differs by device); saturated
         # sigmoids and bf16 logits tie, and the pipeline's stable sort keeps ascending ids
         scores, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-        scores, ids = scores[:, :self.top_k].contiguous(), ids[:, :self.top_k].contiguous()
+        if self._pipeline_scores:
+            exact = _PIPELINE_ACTIVATIONS[self.activation](logits.cpu().numpy())
+            ids = ids[:, :self.top_k + _CANDIDATES].cpu().numpy()
+            scores, ids = pipeline_top_k(exact, ids, self.top_k)
+        else:
+            scores = scores[:, :self.top_k].cpu().numpy()
+            ids = ids[:, :self.top_k].cpu().numpy()
         return ScoreResult(
-            label_ids=ids.to(torch.int32).cpu().numpy(),
-            scores=scores.cpu().numpy(),
+            label_ids=ids.astype(np.int32),
+            scores=scores,
             embedding=out.embedding.float().cpu().numpy(),
             features=out.features.float().cpu().numpy() if token_features else None,
         )
@@ -114,6 +123,30 @@ class Scorer:
 
 
 _ACTIVATIONS = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid, "none": lambda x: x}
+# the pipeline's own functions (numpy, float32): torch's kernels round about half of the
+# softmax's values and a sixth of the sigmoid's differently in the last bit
+_PIPELINE_ACTIVATIONS = {"softmax": hf_ic.softmax, "sigmoid": hf_ic.sigmoid}
+_CANDIDATES = 8  # ids past top_k that the device's sort hands to pipeline_top_k
+
+
+def pipeline_top_k(exact: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of each row's ``k`` best ``exact`` scores, ties in ascending id order.
+
+    The order is the pipeline's (a stable sort, descending). ``candidates`` are each row's
+    first ids by the device's sort of scores within a bit of ``exact``, so the k best are
+    among them; a row where an id outside them reaches the k-th score (more near-ties than
+    the candidates hold) is sorted whole instead.
+    """
+    picked = np.take_along_axis(exact, candidates, axis=1)
+    order = np.lexsort((candidates, -picked), axis=1)  # by score descending, then by id
+    ids = np.take_along_axis(candidates, order, axis=1)[:, :k]
+    scores = np.take_along_axis(picked, order, axis=1)[:, :k]
+    rest = exact.copy()
+    np.put_along_axis(rest, candidates, -np.inf, axis=1)
+    for row in np.flatnonzero(rest.max(axis=1, initial=-np.inf) >= scores[:, -1]):
+        whole = np.lexsort((np.arange(exact.shape[1]), -exact[row]))[:k]
+        ids[row], scores[row] = whole, exact[row, whole]
+    return scores, ids
 
 
 def create_scorer(

@@ -42,10 +42,18 @@ def timm_info(cfg: dict):
 
 
 def _labels(cfg: dict, num_classes: int) -> list[str]:
-    names = cfg.get("label_descriptions") or cfg.get("label_names")
+    """Each class's label as timm's ``CustomDatasetInfo.index_to_description`` gives it.
+
+    ``label_names`` lists (or maps by index) each class's name, a synset say;
+    ``label_descriptions`` maps a *name* to its description. Read by index, it once gave
+    every class ``class_<i>`` for a checkpoint saved with both.
+    """
+    names, descriptions = cfg.get("label_names"), cfg.get("label_descriptions")
     if isinstance(names, dict):
-        return [str(names.get(str(i), names.get(i, f"class_{i}"))) for i in range(num_classes)]
-    if isinstance(names, list) and len(names) == num_classes:
+        names = [names.get(str(i), names.get(i)) for i in range(num_classes)]
+    if isinstance(names, list) and len(names) == num_classes and None not in names:
+        if isinstance(descriptions, dict):
+            return [str(descriptions.get(n, n)) for n in names]
         return [str(n) for n in names]
     data = _timm().data
     subset = data.infer_imagenet_subset(cfg)

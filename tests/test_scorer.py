@@ -61,6 +61,8 @@ def test_distilled_matches_transformers_pipeline(tiny_checkpoint, photos):
     for i, row in enumerate(ref):
         assert [r["label"] for r in row] == scorer.labels(ours.label_ids)[i]
         np.testing.assert_allclose([r["score"] for r in row], ours.scores[i], atol=1e-5)
+        alone = scorer.score(load_preprocessor(str(tiny_checkpoint))(images[i:i + 1]))  # as the pipeline runs
+        assert alone.scores[0].tolist() == [r["score"] for r in row]  # to the last bit
 
 
 def test_non_distilled_vit_class_checkpoint(tmp_path, photos):
@@ -164,6 +166,25 @@ def test_activation_and_tie_order_follow_the_pipeline(tmp_path, photos, kind, co
         np.testing.assert_allclose(ours.scores[i], [r["score"] for r in row], rtol=1e-5, atol=1e-6)
     if kind == "saturated":
         assert (ours.scores == 1.0).sum() >= 2  # the case is really a tie
+    # one image at a time, as the pipeline runs them (fp32 logits depend on the batch's size):
+    # the same scores to the last bit, the pipeline's numpy activation and not torch's
+    pixels = load_preprocessor(str(ckpt))(images)
+    for i, row in enumerate(pipe(images, top_k=3)):
+        alone = scorer.score(pixels[i:i + 1])
+        assert alone.scores[0].tolist() == [r["score"] for r in row], kind
+        assert scorer.labels(alone.label_ids)[0] == [r["label"] for r in row]
+
+
+def test_pipeline_top_k_orders_as_a_stable_sort_and_looks_past_its_candidates():
+    from deit_model.scorer import pipeline_top_k
+
+    exact = np.array([[0.1, 0.5, 0.5, 0.2, 0.5], [0.9, 0.1, 0.3, 0.3, 0.0]], np.float32)
+    # the device's order put id 2 before 1 (its ulp differed) and missed id 4 in row 0
+    candidates = np.array([[2, 1, 3], [0, 3, 2]])
+    scores, ids = pipeline_top_k(exact, candidates, 2)
+    assert ids.tolist() == [[1, 2], [0, 2]] and scores.tolist() == [[0.5, 0.5], [0.8999999761581421, 0.30000001192092896]]
+    scores, ids = pipeline_top_k(exact, candidates, 3)
+    assert ids.tolist()[0] == [1, 2, 4]  # id 4 ties the third: the row is sorted whole
 
 
 def test_full_size_base_shapes(tmp_path, photos):

@@ -167,3 +167,19 @@ def test_normalisation_is_a_table_computed_on_the_cpu(name, tmp_path, photos, mo
     assert calls == [(1, 3, 1, 256)]  # a new object builds it from one ramp of 256 values per channel
     restored = pickle.loads(pickle.dumps(fresh))
     assert "_tables" not in restored.__dict__  # tables stay where they were built (CUDA ones too)
+
+
+def test_label_descriptions_are_keyed_by_label_name_as_timm_keys_them():
+    """timm's label_descriptions map a class's name (a synset) to its text, not its index."""
+    import timm.data
+
+    from deit_model.timm_backend import _labels
+
+    cfg = {"label_names": ["n02085620", "n02123045", "n01440764"],
+           "label_descriptions": {"n02085620": "Chihuahua", "n02123045": "tabby, tabby cat",
+                                  "n01440764": "tench, Tinca tinca"}}
+    info = timm.data.CustomDatasetInfo(label_names=cfg["label_names"], label_descriptions=cfg["label_descriptions"])
+    assert _labels(cfg, 3) == [info.index_to_description(i) for i in range(3)] == [
+        "Chihuahua", "tabby, tabby cat", "tench, Tinca tinca"]
+    assert _labels({"label_names": {"0": "a", "1": "b"}}, 2) == ["a", "b"]
+    assert _labels({"label_names": ["a", "b"]}, 3) == ["class_0", "class_1", "class_2"]  # not this model's
