@@ -14,6 +14,7 @@ takes that task's result, so decoding runs on other CPUs while actors score.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -205,8 +206,7 @@ class ScorerPool:
             if ready:
                 return ready
             now = time.monotonic()
-            for i, actor in enumerate(self.actors):
-                state, restarts = actor_state(actor)
+            for i, (state, restarts) in enumerate(actor_states(self.actors)):
                 if state in (None, "ALIVE"):
                     first.pop(i, None)
                     continue
@@ -247,15 +247,41 @@ class ScorerPool:
         self.actors = []
 
 
-def actor_state(actor) -> tuple[str | None, int]:
-    """(state, restarts) of ``actor`` as Ray's control store has them; (None, 0) if it cannot say."""
-    try:
-        import ray._private.state as ray_state  # no public call without the dashboard, which is off
+def actor_states(actors: list) -> list[tuple[str | None, int]]:
+    """(state, restarts) of each actor as Ray's control store has them; (None, 0) where it cannot say.
 
-        info = ray_state.actors(actor_id=actor._actor_id.hex())
-        return info.get("State"), int(info.get("NumRestarts") or 0)
-    except Exception:  # noqa: BLE001 - a Ray without this call: the watch only stays blind
-        return None, 0
+    Asked from a task with no CPU, inside the cluster: a driver connected through Ray Client
+    (``ray://``, as the Kubernetes work pool's runs are) has no control-store client of its
+    own, and the call made there only raised (tasks/placement.py asks the autoscaler so too).
+    """
+    import ray
+
+    ids = [actor._actor_id.hex() for actor in actors]
+    try:
+        return [tuple(s) for s in ray.get(_states_task().remote(ids), timeout=_WATCH_EVERY_S)]
+    except Exception:  # noqa: BLE001 - a wedged cluster or another Ray: the watch only stays blind
+        logger.debug("pool: the actors' states could not be read", exc_info=True)
+        return [(None, 0)] * len(ids)
+
+
+def _actor_states_in_cluster(ids: list[str]) -> list[tuple[str | None, int]]:
+    import ray._private.state as ray_state  # no public call without the dashboard, which is off
+
+    states = []
+    for actor_id in ids:
+        try:
+            info = ray_state.actors(actor_id=actor_id)
+            states.append((info.get("State"), int(info.get("NumRestarts") or 0)))
+        except Exception:  # noqa: BLE001 - an actor Ray no longer knows
+            states.append((None, 0))
+    return states
+
+
+@functools.lru_cache(maxsize=None)
+def _states_task():
+    import ray
+
+    return ray.remote(num_cpus=0, max_retries=1)(_actor_states_in_cluster)
 
 
 def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

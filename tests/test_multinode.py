@@ -130,3 +130,23 @@ def test_flow_joins_a_cluster_by_address_and_scores_on_the_worker_node(two_node_
     scorers = [a for a in cluster["actors"] if "ScoringActor" in a["cls"]]
     assert scorers, cluster["actors"]  # the run's actors are in this cluster's table
     assert all(a["node"] in worker_nodes for a in scorers), cluster
+
+
+_STATES = """
+import sys, ray
+from tasks.actor_pool import actor_states
+ray.init(address=sys.argv[1], logging_level="ERROR")
+actor = ray.remote(num_cpus=0)(type("Idle", (), {"ping": lambda self: 1})).remote()
+ray.get(actor.ping.remote())
+print(actor_states([actor]))
+"""
+
+
+def test_the_actor_watch_reads_states_through_ray_client(two_node_cluster):
+    """A driver joined by ray:// has no control-store client: the watch asks from inside the
+    cluster (it once read nothing there, and a run waiting on a lost node waited for ever)."""
+    _, client_address, _ = two_node_cluster
+    out = subprocess.run([sys.executable, "-c", _STATES, client_address], capture_output=True, text=True,
+                         timeout=120, cwd=REPO, env=_ray_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[('ALIVE', 0)]", out.stdout
