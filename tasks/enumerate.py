@@ -70,6 +70,8 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
     except storage.InputNotFoundError:
         raise
     except Exception as exc:  # backend errors while listing
+        if isinstance(exc, OSError):  # already Python's own: re-raised as it is, its cause (the
+            raise  # store's error code, which is_transient reads) kept; "from exc" replaced it
         raise storage.translate_error(exc, input_uri) from exc
 
 

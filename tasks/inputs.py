@@ -119,11 +119,18 @@ def _objects(table: pa.Table, manifest: str, storage_options) -> Iterator[ImageO
     fs, _ = storage.filesystem(uris[0], storage_options) if uris else (None, None)
     for i, uri in enumerate(uris):
         uri = storage.to_uri(fs, fs._strip_protocol(uri))
-        mtime = mtimes[i] if mtimes else None
+        mtime = _blank_none(mtimes[i]) if mtimes else None
         if isinstance(mtime, str):
             mtime = datetime.fromisoformat(mtime.replace("Z", "+00:00"))
-        yield ImageObject(uri, sizes[i] if sizes else None, etags[i] if etags else None,
-                          as_utc(mtime) if mtime else None)
+        etag = _blank_none(etags[i]) if etags else None
+        # quoted as S3 and its exports write it, unquoted as a listing gives it (storage.object_version)
+        etag = etag.strip('"') if isinstance(etag, str) else etag
+        yield ImageObject(uri, _blank_none(sizes[i]) if sizes else None, etag, as_utc(mtime) if mtime else None)
+
+
+def _blank_none(value):
+    """A CSV's empty cell (pyarrow reads it as "") is no value: an etag of "" matched every version."""
+    return None if isinstance(value, str) and not value.strip() else value
 
 
 def _looked_up(uris: Iterable[str], storage_options: dict | None) -> Iterator[ImageObject]:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ _RETRY = {"max_retries": 2, "retry_timeout": timedelta(seconds=20)}
 # How long frozen refreshable credentials (an assumed role, SSO) are used before botocore is asked
 # again; botocore itself refreshes them ahead of their expiry.
 _CREDENTIAL_TTL = timedelta(minutes=5)
+
+# obstore is turned off when s3fs recovered at least half of the last JUDGED objects it tried,
+# once it has tried MIN_JUDGED: one object of a batch's last short span failing once turned
+# it off for the process (a tenfold read CPU from then on)
+JUDGED, MIN_JUDGED = 32, 8
 
 ENV = "DEIT_S3_READER"  # "s3fs": s3fs reads every object; unset or "obstore": this reader where it can
 
@@ -50,6 +57,7 @@ class S3Reader:
                                for key, name in (("connect_timeout", "connect_timeout"), ("read_timeout", "timeout"))
                                if config.get(key) is not None}
         self.enabled = True
+        self.recent: deque[bool] = deque(maxlen=JUDGED)  # the last objects tried: did s3fs recover it?
         self._stores: dict[str, Any] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -74,7 +82,8 @@ class S3Reader:
         cannot parse (``.`` or ``..`` segments, control characters) raise, and s3fs reads them.
         """
         key = path.partition("/")[2]
-        return bool(key) and key[0] != "/" and key[-1] != "/" and "//" not in key
+        return (bool(key) and key[0] != "/" and key[-1] != "/" and "//" not in key
+                and not {".", ".."} & set(key.split("/")))
 
     def disable(self, reason: str) -> None:
         """Leave every later read to s3fs, saying why once."""
@@ -104,8 +113,9 @@ class S3Reader:
         endpoint = self.client.meta.endpoint_url
         region = self.client.meta.region_name if self.custom_endpoint else _bucket_region(self.client, bucket)
         options: dict[str, Any] = {"region": region or "us-east-1"}
-        if self.custom_endpoint:
-            options["endpoint"] = endpoint
+        # always named: left out, object_store takes AWS_ENDPOINT from the environment, which
+        # botocore ignores, and would read another server's object of the same name
+        options["endpoint"] = endpoint if self.custom_endpoint else f"https://s3.{options['region']}.amazonaws.com"
         if self.anon:
             options["skip_signature"] = True
         provider = None if self.anon else self._credential
@@ -167,7 +177,9 @@ def _make_reader(fs: Any) -> S3Reader | None:
         credentials = None if fs.anon else session.get_credentials()
         if credentials is None and not fs.anon:
             return None  # s3fs raises NoCredentialsError, translated at the boundary
-    custom = not client.meta.endpoint_url.rstrip("/").endswith(".amazonaws.com")
+    # only S3's standard endpoints are AWS's default: FIPS, dual-stack or a VPC endpoint is named
+    host = urlparse(client.meta.endpoint_url).hostname or ""
+    custom = host not in ("s3.amazonaws.com", f"s3.{client.meta.region_name}.amazonaws.com")
     return S3Reader(client, credentials, bool(fs.anon), custom, fs.config_kwargs)
 
 

@@ -156,9 +156,15 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
 
 
 def _cat(fs, paths: list[str]) -> dict[str, Any]:
-    """fs.cat of ``paths``, one by one if the batched request fails as a whole."""
+    """Each path's whole object, read concurrently where the backend can; one by one if the
+    batched request fails as a whole.
+
+    ``cat_ranges``, not ``cat``: fsspec's ``cat`` expands a list's paths as globs, so an image
+    under ``shoot [2024]/`` became "not found" and ``a?.jpg`` read ``ab.jpg`` too.
+    """
     try:
-        raw = fs.cat(paths, on_error="return")
+        whole = [None] * len(paths)
+        raw = dict(zip(paths, fs.cat_ranges(paths, whole, whole, on_error="return")))
     except Exception as exc:  # the whole request failed: fall back to one by one
         logger.debug("batched read failed (%s); reading one by one", exc)
         raw = {}
@@ -167,19 +173,23 @@ def _cat(fs, paths: list[str]) -> dict[str, Any]:
                 raw[p] = fs.cat_file(p)
             except Exception as one:  # noqa: BLE001 - translated below
                 raw[p] = one
-    return raw if isinstance(raw, dict) else {paths[0]: raw}  # a single path comes back as bytes
+    return raw
 
 
 def _judge(fast, first: dict[str, Any], values: dict[str, Any]) -> None:
-    """Stop the fast reader when s3fs read at least half of what it tried in a batch and failed.
+    """Stop the fast reader when s3fs read at least half of the objects it last tried and failed.
 
-    A missing object fails on both; a passing error fails on a few. Half of a batch failing
+    A missing object fails on both; a passing error fails on a few. Half of them failing
     there and reading here is a setting obstore does not follow, and every later batch would
-    be read twice.
+    be read twice. Judged over the reader's last objects (``s3_reader.JUDGED``), not one
+    call's: a call may read one object.
     """
     recovered = [p for p, value in first.items() if not isinstance(value, bytes) and isinstance(values[p], bytes)]
-    if recovered and 2 * len(recovered) >= len(first):
-        fast.disable(f"obstore failed on {len(recovered)} of {len(first)} objects that s3fs read, e.g. "
+    with fast._lock:
+        fast.recent.extend(p in recovered for p in first)
+        tried, failed = len(fast.recent), sum(fast.recent)
+    if recovered and tried >= s3_reader.MIN_JUDGED and 2 * failed >= tried:
+        fast.disable(f"obstore failed on {failed} of the last {tried} objects that s3fs read, e.g. "
                      f"{recovered[0]}: {type(first[recovered[0]]).__name__}: {first_line(first[recovered[0]])}")
 
 

@@ -86,3 +86,25 @@ def test_plan_round_trip(tmp_path, image_dir):
     assert table.column_names == ["uri", "source_size", "source_etag", "source_mtime"]
     assert write_plan(plan_table([]), str(tmp_path / "empty.parquet")) == 0
     assert read_plan(str(tmp_path / "empty.parquet")).num_rows == 0
+
+
+def test_a_listing_the_store_throttles_is_retried(tmp_path, monkeypatch):
+    """s3fs raises OSError from the store's error: re-raised "from" itself, the cause that says
+    SlowDown was lost, and the plan step failed at once instead of retrying (found in review)."""
+    from botocore.exceptions import ClientError
+
+    from tasks import storage
+    from tasks.enumerate import list_images
+
+    def throttled(*args, **kwargs):
+        try:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}},
+                              "ListObjectsV2")
+        except ClientError as exc:
+            raise OSError("Please reduce your request rate.") from exc  # as s3fs translates it
+
+    fs, _ = storage.filesystem(str(tmp_path))
+    monkeypatch.setattr(fs, "isdir", throttled)
+    with pytest.raises(OSError) as err:
+        list(list_images(str(tmp_path)))
+    assert storage.is_transient(err.value)

@@ -104,6 +104,17 @@ def test_manifest_without_uri_column_is_an_error(tmp_path):
         list(list_inputs(ScoreSettings(input=str(bad), output="o")))
 
 
+def test_a_csv_manifests_empty_cells_are_no_values_and_quoted_etags_are_unquoted(tmp_path):
+    """An etag of "" (pyarrow reads an empty cell so) made every later version of an object look
+    unchanged; a quoted one differed from the listing's for the same object (found in review)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('uri,size,etag,last_modified\ns3://b/a.jpg,100,,\ns3://b/q.jpg,7,"""abc""",'
+                        "2026-01-02T00:00:00Z\n")
+    a, q = list(list_inputs(ScoreSettings(input=str(manifest), output="o")))
+    assert (a.etag, a.mtime, a.size) == (None, None, 100)
+    assert q.etag == "abc" and q.mtime == datetime(2026, 1, 2, tzinfo=timezone.utc)
+
+
 def test_latest_view_prefers_the_newest_commit(tmp_path):
     from tasks.history import latest
     from tasks.plan import RunInfo
