@@ -16,8 +16,10 @@ import itertools
 import logging
 from datetime import datetime
 from typing import Any, Iterable, Iterator
+from urllib.parse import unquote_plus
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import storage
 from .enumerate import ImageObject, list_images
@@ -105,9 +107,14 @@ def _column(table: pa.Table, ours: str) -> list | None:
 
 
 def _objects(table: pa.Table, manifest: str, storage_options) -> Iterator[ImageObject]:
+    table = _current_versions(table, manifest)
     uris = _column(table, "uri")
-    if uris is None and {"bucket", "key"} <= set(table.column_names):  # S3 Inventory (Parquet/ORC)
-        uris = [f"s3://{b}/{k}" for b, k in zip(table["bucket"].to_pylist(), table["key"].to_pylist())]
+    named = {name.lower(): name for name in table.column_names}
+    if uris is None and {"bucket", "key"} <= set(named):  # S3 Inventory
+        keys = table[named["key"]].to_pylist()
+        if manifest.lower().endswith(".csv"):  # a CSV inventory's keys are URL-encoded (AWS's docs)
+            keys = [unquote_plus(k) for k in keys]
+        uris = [f"s3://{b}/{k}" for b, k in zip(table[named["bucket"]].to_pylist(), keys)]
     if uris is None:
         raise ValueError(f"manifest {manifest!r} has no 'uri' column (columns: {table.column_names})")
     sizes, etags, mtimes = (_column(table, k) for k in ("size", "etag", "mtime"))
@@ -126,6 +133,31 @@ def _objects(table: pa.Table, manifest: str, storage_options) -> Iterator[ImageO
         # quoted as S3 and its exports write it, unquoted as a listing gives it (storage.object_version)
         etag = etag.strip('"') if isinstance(etag, str) else etag
         yield ImageObject(uri, _blank_none(sizes[i]) if sizes else None, etag, as_utc(mtime) if mtime else None)
+
+
+def _current_versions(table: pa.Table, manifest: str) -> pa.Table:
+    """An all-versions S3 Inventory report's current versions, delete markers left out.
+
+    A deleted object's newest row is its delete marker: planned, it became a not_found row every
+    night; an older version of it is no current object either.
+    """
+    # Parquet reports say is_latest, a CSV's fileSchema IsLatest
+    named = {name.lower().replace("_", ""): name for name in table.column_names}
+
+    def flags(column: str) -> pa.Array:  # true/false, as Parquet's booleans or a CSV's text
+        return pa.array([str(v).lower() == "true" for v in table[named[column]].to_pylist()], pa.bool_())
+
+    keep = flags("islatest") if "islatest" in named else None
+    if "isdeletemarker" in named:
+        live = pc.invert(flags("isdeletemarker"))
+        keep = live if keep is None else pc.and_(keep, live)
+    if keep is None:
+        return table
+    kept = table.filter(keep)
+    if kept.num_rows < table.num_rows:
+        logger.info("manifest %s: %d rows are older versions or delete markers, not current objects",
+                    manifest, table.num_rows - kept.num_rows)
+    return kept
 
 
 def _blank_none(value):

@@ -115,6 +115,20 @@ def test_a_csv_manifests_empty_cells_are_no_values_and_quoted_etags_are_unquoted
     assert q.etag == "abc" and q.mtime == datetime(2026, 1, 2, tzinfo=timezone.utc)
 
 
+def test_a_csv_inventory_of_all_versions_is_decoded_and_only_its_current_objects_planned(tmp_path):
+    """AWS URL-encodes a CSV inventory's keys; its own header is capitalised; in a report of all
+    versions a deleted object's newest row is its delete marker (found in review)."""
+    manifest = tmp_path / "inventory.csv"
+    manifest.write_text("Bucket,Key,VersionId,IsLatest,IsDeleteMarker,Size\n"
+                        "b,photos/sp%20ace+plus%2B.jpg,v2,true,false,10\n"
+                        "b,photos/sp%20ace+plus%2B.jpg,v1,false,false,9\n"
+                        "b,photos/gone.jpg,v3,true,true,\n"
+                        "b,photos/gone.jpg,v2,false,false,5\n"
+                        "b,photos/pe%25rc.jpg,v1,true,false,4\n")
+    listed = list(list_inputs(ScoreSettings(input=str(manifest), output="o")))
+    assert [(o.uri, o.size) for o in listed] == [("s3://b/photos/sp ace plus+.jpg", 10), ("s3://b/photos/pe%rc.jpg", 4)]
+
+
 def test_latest_view_prefers_the_newest_commit(tmp_path):
     from tasks.history import latest
     from tasks.plan import RunInfo
