@@ -90,8 +90,15 @@ def _walk(fs, root: str) -> Iterator[tuple[str, dict]]:
     # walk yields one directory at a time, so a huge prefix is never held whole;
     # names are sorted so a listing is repeatable.
     for dirpath, _dirs, files in fs.walk(root, detail=True):
+        base = dirpath.rstrip("/")
         for name in sorted(files):
-            yield f"{dirpath.rstrip('/')}/{name}", files[name]
+            if name:
+                yield f"{base}/{name}", files[name]
+                continue
+            # keys with an empty segment ("a//b.jpg"): walk shows the "a//" prefix as a nameless
+            # folder that it never enters, and they were skipped; the store lists them flat
+            found = fs.find(base, detail=True)
+            yield from ((p, found[p]) for p in sorted(found) if p.startswith(base + "//"))
 
 
 def write_plan(plan: pa.Table, plan_uri: str, storage_options: dict | None = None) -> int:

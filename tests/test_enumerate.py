@@ -108,3 +108,20 @@ def test_a_listing_the_store_throttles_is_retried(tmp_path, monkeypatch):
     with pytest.raises(OSError) as err:
         list(list_images(str(tmp_path)))
     assert storage.is_transient(err.value)
+
+
+def test_keys_with_an_empty_segment_are_listed(s3fs_client, s3_bucket, s3_server):
+    """fs.walk shows the prefix 'p//' as a nameless folder it never enters (found in review)."""
+    import boto3
+
+    from tasks.enumerate import list_images
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    keys = ["p/a.jpg", "p//lead.jpg", "p//q/r.jpg", "p/d/y.jpg", "p/dbl//x.jpg"]
+    for key in keys:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+    listed = [o.uri for o in list_images(f"s3://{s3_bucket}/p", {"endpoint_url": s3_server})]
+    assert sorted(listed) == sorted(f"s3://{s3_bucket}/{k}" for k in keys) and len(set(listed)) == len(keys)
+    from tasks.storage import read_uris
+
+    assert read_uris(listed, {"endpoint_url": s3_server}) == [b"x"] * len(keys)  # and read as listed
