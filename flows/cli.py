@@ -150,6 +150,10 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
         ref = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         check_preprocessing(ref.local_dir)  # inspects the config (architecture) first
     except ModelLoadError as exc:
+        # a store's missing credentials: what to set, as for --input and --output
+        with storage_checked(settings.model):
+            if exc.__cause__ is not None and type(exc.__cause__).__name__ in _CREDENTIAL_ERRORS:
+                raise exc.__cause__ from None
         raise UsageError(str(exc)) from None
     with storage_checked(settings.input):
         next(iter(list_images(settings.input, settings.storage_options)), None)
@@ -158,6 +162,9 @@ def check_settings(params: dict) -> tuple[ScoreSettings, CheckpointRef]:
         if fs.exists(path) and fs.isfile(path):  # exists() first: isfile() hides a driver's errors
             raise UsageError(f"output {settings.output} is a file; --output names a folder or prefix for the dataset")
     return settings, ref
+
+
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError"}
 
 
 @contextlib.contextmanager

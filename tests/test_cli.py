@@ -110,14 +110,15 @@ def _no_aws_credentials(monkeypatch, tmp_path):
     ("output", "nosuchproto://bucket/out/", "Protocol not known"),
     ("output", "s3://bucket/out/", "credentials"),
     ("runs", "s3://bucket/out/", "credentials"),
+    ("model", "s3://bucket/model/", "AWS_ACCESS_KEY_ID"),
 ])
 def test_unusable_storage_exits_2_with_one_line_before_anything_starts(capsys, tmp_path, monkeypatch,
                                                                        tiny_checkpoint, image_dir, where, uri, expected):
     """An unknown scheme or missing credentials are the driver's own exceptions: still one line, exit 2."""
     _no_aws_credentials(monkeypatch, tmp_path)
-    paths = {"input": str(image_dir), "output": str(tmp_path / "o"), where: uri}
+    paths = {"input": str(image_dir), "output": str(tmp_path / "o"), "model": str(tiny_checkpoint), where: uri}
     argv = (["runs", "--output", uri] if where == "runs" else
-            ["run", "--input", paths["input"], "--output", paths["output"], "--model", str(tiny_checkpoint)])
+            ["run", "--input", paths["input"], "--output", paths["output"], "--model", paths["model"]])
     code, _, err = _run(capsys, *argv)
     assert code == EXIT_USAGE, err
     assert expected in err and uri in err and len(err.strip().splitlines()) == 1
