@@ -182,7 +182,16 @@ def storage_checked(uri: str):
 
 
 def run_flow(params: dict) -> int:
-    """Check ``params``, run the flow, print the summary; return the exit code."""
+    """Check ``params``, run the flow, print the summary; return the exit code.
+
+    SIGTERM and SIGHUP end it as Ctrl-C does (exit 130) from its first line, not only while the
+    flow runs: a scheduler may stop it while the model downloads (found in review).
+    """
+    with _terminate_as_interrupt():
+        return _run_flow(params)
+
+
+def _run_flow(params: dict) -> int:
     settings, ref = check_settings(params)
     from tasks.early_pool import discard_early
     from tasks.plan import RunRefused, new_run_id
@@ -200,8 +209,11 @@ def run_flow(params: dict) -> int:
 
     from .score_images import score_images
 
-    # the id is chosen here, so that every way the run can end names it
-    settings = settings.model_copy(update={"run_id": settings.run_id or new_run_id()})
+    # the id is chosen here, so that every way the run can end names it; local paths are the
+    # command's own folder's, and the flow takes only absolute ones
+    settings = settings.model_copy(update={"run_id": settings.run_id or new_run_id(), **{
+        name: os.path.abspath(os.path.expanduser(getattr(settings, name))) for name in ("input", "output")
+        if "://" not in getattr(settings, name)}})
     resume = f"rerun with --run-id {settings.run_id} (and the same options) to resume"
     try:
         with _terminate_as_interrupt():

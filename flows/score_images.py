@@ -9,6 +9,7 @@ not yet written, and a run enters the dataset at its commit, once.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 
@@ -119,6 +120,7 @@ def _library_log_level() -> None:
 def _score_images(**params):
     _library_log_level()
     settings = ScoreSettings(**params)
+    _refuse_relative_paths(settings)
     roll_forward(settings.output, settings.storage_options)  # finish commits a crash interrupted
     run, summary, resumed = _open(settings)
     if summary.status == "committed":
@@ -164,6 +166,20 @@ def _plan_and_score(settings: ScoreSettings, run: RunInfo, summary: RunSummary, 
     summary.timings_s = {**summary.timings_s, **timings}
 
 
+def _refuse_relative_paths(settings: ScoreSettings) -> None:
+    """A relative local input or output names a folder of whatever directory the flow runs in.
+
+    Under a process worker that is a temporary folder, deleted after the run: a committed
+    output went with it (found in review). The command line makes its paths absolute first.
+    """
+    for name in ("input", "output"):
+        value = getattr(settings, name)
+        if "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            raise RunRefused(f"{name} {value!r} is a relative path, which this flow run would take from its "
+                             "own working folder (a temporary one under a process worker, deleted after the "
+                             "run): pass an absolute path or a URI")
+
+
 def _filtered(settings: ScoreSettings) -> bool:
     return bool(settings.include or settings.exclude or settings.modified_after or settings.modified_before)
 
@@ -183,12 +199,12 @@ def _record_failure(summary: RunSummary, run: RunInfo, settings: ScoreSettings, 
     except Exception:  # noqa: BLE001 - the output may be what failed: record as best we can
         pass
     try:
-        # the disk's word, not only this process's: past the commit point the run is in the
-        # dataset whatever failed after it, and "failed" there would hide it from planning
+        # the disk's word: past the commit point the run is in the dataset whatever failed after
+        # it, and "failed" there would hide it from planning
         on_disk = read_manifest(settings.output, run.run_id, settings.storage_options)
     except Exception:  # noqa: BLE001
         on_disk = None
-    status = on_disk.status if on_disk is not None and on_disk.status in ("committing", "committed") else summary.status
+    status = on_disk.status if on_disk is not None else None
     if status in ("committing", "committed"):
         # the manifest already lists every file: the next run on this output
         # finishes the move (roll_forward) rather than losing or repeating it

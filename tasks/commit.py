@@ -83,7 +83,8 @@ def claim_run(run: RunInfo, storage_options: dict | None = None) -> RunInfo:
     fs, path = storage.filesystem(run.claim_uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     write_atomic(fs, path, json.dumps(record).encode())
-    return replace(run, attempt=token)
+    # listed once: a retried score step listing again would count what another attempt wrote since
+    return replace(run, attempt=token, earlier=tuple(run_files(run, storage_options)))
 
 
 def check_claim(run: RunInfo, storage_options: dict | None = None) -> None:
@@ -168,10 +169,11 @@ def commit(summary: RunSummary, run: RunInfo, storage_options: dict | None = Non
     check_claim(run, storage_options)
     staged = _counted(run, summary.files, storage_options)
     # a set: on an object store a move is a copy then a delete, so a commit that died between the
-    # two finds the file both moved and still staged
-    summary.files = sorted({*(f for f in summary.files if not _is_staged(run, f, storage_options)),
-                            *(final_uri(run, s, storage_options) for s in staged)})
-    summary.status = "committing"
+    # two finds the file both moved and still staged. A copy: the caller's summary says what the
+    # disk says only once the write succeeded (a failed write left "committing" in memory only)
+    summary = replace(summary, status="committing", files=sorted(
+        {*(f for f in summary.files if not _is_staged(run, f, storage_options)),
+         *(final_uri(run, s, storage_options) for s in staged)}))
     write_manifest(summary, run, storage_options)  # the intent, with the full file list
     return _finish(summary, run, staged, storage_options)
 

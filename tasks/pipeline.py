@@ -188,7 +188,7 @@ def score_run(settings: ScoreSettings, run, ref: CheckpointRef, on_progress=None
     plan = read_plan(run.plan_uri, settings.storage_options)
     # what this attempt counts: the files there now, and its own; not what another attempt of the
     # run, still running, writes meanwhile (tasks.commit.claim_run)
-    earlier_files = run_files(run, settings.storage_options)
+    earlier_files = list(run.earlier) if run.attempt else run_files(run, settings.storage_options)
     done = done_rows(run, settings.storage_options, earlier_files)
     remaining = plan.filter(pc.invert(pc.is_in(plan["uri"], done["uri"])))
     if done.num_rows:

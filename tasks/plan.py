@@ -40,6 +40,7 @@ class RunInfo:
     started_at: str  # ISO 8601, UTC
     output: str
     attempt: str = ""  # this attempt's claim on the run (tasks.commit.claim_run); "" before it has one
+    earlier: tuple[str, ...] = ()  # the run's files when this attempt claimed it: all it counts besides its own
 
     @property
     def run_dir(self) -> str:

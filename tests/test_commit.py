@@ -131,7 +131,7 @@ def test_a_failed_commit_point_is_not_recorded_as_failed(tmp_path, monkeypatch):
     monkeypatch.setattr(commit_mod, "write_manifest", fail_the_commit_point)
     with pytest.raises(OSError):
         commit_mod.commit(summary, run)
-    assert summary.status == "committing"
+    assert summary.status == "running"  # the caller's: "committing" only once the disk says so
     _record_failure(summary, run, settings, OSError("storage went away"))
     assert read_manifest(str(tmp_path), "r1").status == "committing"
     monkeypatch.setattr(commit_mod, "write_manifest", real)
@@ -139,6 +139,37 @@ def test_a_failed_commit_point_is_not_recorded_as_failed(tmp_path, monkeypatch):
     summary.status = "running"  # as an in-memory summary that missed the commit would be
     _record_failure(summary, run, settings, RuntimeError("after the commit"))
     assert read_manifest(str(tmp_path), "r1").status == "committed"
+
+
+def test_a_failed_write_of_the_intent_is_recorded_as_failed_not_committing(tmp_path, monkeypatch):
+    """The disk still says running: a "committing" kept in memory only made the failure record
+    stand down, and no later run finished anything (found in review)."""
+    from flows.score_images import _record_failure
+    from tasks.settings import ScoreSettings
+
+    run, summary = _staged_run(tmp_path)
+    real = commit_mod.write_manifest
+
+    def fail_the_intent(s, r, storage_options=None):
+        if s.status == "committing":
+            raise OSError("no space left on device")
+        return real(s, r, storage_options)
+
+    monkeypatch.setattr(commit_mod, "write_manifest", fail_the_intent)
+    with pytest.raises(OSError):
+        commit_mod.commit(summary, run)
+    _record_failure(summary, run, ScoreSettings(input="/in", output=str(tmp_path), model="m"), OSError("no space"))
+    assert read_manifest(str(tmp_path), "r1").status == "failed"
+
+
+def test_a_retried_score_step_counts_what_was_there_when_its_attempt_claimed_the_run(tmp_path):
+    """A retry listing again would count a file another attempt finished meanwhile (found in review)."""
+    run = RunInfo("r1", "2026-12-05", "2026-12-05T00:00:00+00:00", str(tmp_path))
+    a = commit_mod.claim_run(run)
+    first = _stage(a, range(0, 3))
+    b = commit_mod.claim_run(run)
+    _stage(a, range(3, 6))  # A, still alive, finishes a file after B claimed the run
+    assert list(b.earlier) == first
 
 
 def test_two_writers_of_one_manifest_both_finish_and_leave_whole_json(tmp_path):
@@ -181,3 +212,17 @@ def test_rerunning_a_committed_run_id_does_nothing_whatever_the_options(tmp_path
     opened, summary, _ = _open(settings.model_copy(update={"top_k": 5}))
     assert opened.run_id == "r1" and summary.status == "committed"
     assert "different top_k; it is committed, so nothing was done" in caplog.text
+
+
+def test_a_flow_refuses_relative_local_paths():
+    """Under a process worker the flow runs in a temporary folder, deleted after the run: a
+    relative output was committed there and lost (found in review). The CLI passes absolute ones."""
+    from flows.score_images import _refuse_relative_paths
+    from tasks.plan import RunRefused
+    from tasks.settings import ScoreSettings
+
+    with pytest.raises(RunRefused, match="output 'scores' is a relative path"):
+        _refuse_relative_paths(ScoreSettings(input="/data/in", output="scores"))
+    with pytest.raises(RunRefused, match="input 'in' is a relative path"):
+        _refuse_relative_paths(ScoreSettings(input="in", output="s3://b/scores"))
+    _refuse_relative_paths(ScoreSettings(input="s3://b/in", output="/data/scores"))
