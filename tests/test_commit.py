@@ -113,6 +113,21 @@ def test_a_commit_retried_after_its_commit_point_keeps_its_time(tmp_path, monkey
     assert read_manifest(str(tmp_path), "r1").committed_at == first.committed_at
 
 
+def _commit_failing_to_write(monkeypatch, summary, run, status: str):
+    """commit() with the manifest's write of ``status`` failing (storage gone, a full disk); the real write."""
+    real = commit_mod.write_manifest
+
+    def failing(s, r, storage_options=None):
+        if s.status == status:
+            raise OSError("storage went away")
+        return real(s, r, storage_options)
+
+    monkeypatch.setattr(commit_mod, "write_manifest", failing)
+    with pytest.raises(OSError):
+        commit_mod.commit(summary, run)
+    return real
+
+
 def test_a_failed_commit_point_is_not_recorded_as_failed(tmp_path, monkeypatch):
     """The commit-point write fails: the disk says committing, and the flow's failure record must
     not overwrite it (the next run finishes the commit), nor a committed one."""
@@ -121,16 +136,7 @@ def test_a_failed_commit_point_is_not_recorded_as_failed(tmp_path, monkeypatch):
 
     run, summary = _staged_run(tmp_path)
     settings = ScoreSettings(input="/in", output=str(tmp_path), model="m", run_id="r1")
-    real = commit_mod.write_manifest
-
-    def fail_the_commit_point(s, r, storage_options=None):
-        if s.status == "committed":
-            raise OSError("storage went away")
-        return real(s, r, storage_options)
-
-    monkeypatch.setattr(commit_mod, "write_manifest", fail_the_commit_point)
-    with pytest.raises(OSError):
-        commit_mod.commit(summary, run)
+    real = _commit_failing_to_write(monkeypatch, summary, run, "committed")
     assert summary.status == "running"  # the caller's: "committing" only once the disk says so
     _record_failure(summary, run, settings, OSError("storage went away"))
     assert read_manifest(str(tmp_path), "r1").status == "committing"
@@ -148,16 +154,7 @@ def test_a_failed_write_of_the_intent_is_recorded_as_failed_not_committing(tmp_p
     from tasks.settings import ScoreSettings
 
     run, summary = _staged_run(tmp_path)
-    real = commit_mod.write_manifest
-
-    def fail_the_intent(s, r, storage_options=None):
-        if s.status == "committing":
-            raise OSError("no space left on device")
-        return real(s, r, storage_options)
-
-    monkeypatch.setattr(commit_mod, "write_manifest", fail_the_intent)
-    with pytest.raises(OSError):
-        commit_mod.commit(summary, run)
+    _commit_failing_to_write(monkeypatch, summary, run, "committing")
     _record_failure(summary, run, ScoreSettings(input="/in", output=str(tmp_path), model="m"), OSError("no space"))
     assert read_manifest(str(tmp_path), "r1").status == "failed"
 
