@@ -398,6 +398,17 @@ def test_jobs_run_in_the_raycluster_namespace():
     assert load_yaml(SECRET)["metadata"]["namespace"] == namespace
 
 
+def test_ray_pods_run_as_their_own_created_service_account():
+    """Where IRSA / Workload Identity puts the storage role: the GPU workers read the images. Unset,
+    they ran as `default`, and KubeRay's autoscaler account was named like the flow-run pods' one."""
+    rc = raycluster()
+    accounts = {rc["spec"]["headGroupSpec"]["template"]["spec"].get("serviceAccountName")}
+    accounts |= {g["template"]["spec"].get("serviceAccountName") for g in rc["spec"]["workerGroupSpecs"]}
+    assert accounts == {"score-images-ray"}
+    assert variable_defaults(job_template())["service_account_name"] != "score-images-ray"
+    assert "create serviceaccount score-images-ray" in (REPO / "docs" / "production.md").read_text()
+
+
 def test_job_template_placeholders_are_declared_variables():
     template = job_template()
     declared = set(template["variables"]["properties"])
