@@ -167,13 +167,11 @@ def commit(summary: RunSummary, run: RunInfo, storage_options: dict | None = Non
         logger.info("run %s is committed already", run.run_id)
         return current
     check_claim(run, storage_options)
-    staged = _counted(run, summary.files, storage_options)
+    staged, finals = _counted(run, summary.files, storage_options)
     # a set: on an object store a move is a copy then a delete, so a commit that died between the
     # two finds the file both moved and still staged. A copy: the caller's summary says what the
     # disk says only once the write succeeded (a failed write left "committing" in memory only)
-    summary = replace(summary, status="committing", files=sorted(
-        {*(f for f in summary.files if not _is_staged(run, f, storage_options)),
-         *(final_uri(run, s, storage_options) for s in staged)}))
+    summary = replace(summary, status="committing", files=sorted(finals))
     write_manifest(summary, run, storage_options)  # the intent, with the full file list
     return _finish(summary, run, staged, storage_options)
 
@@ -183,20 +181,27 @@ def _is_staged(run: RunInfo, uri: str, storage_options: dict | None) -> bool:
     return fs._strip_protocol(uri).startswith(staging.rstrip("/") + "/")
 
 
-def _counted(run: RunInfo, files: list[str], storage_options: dict | None) -> list[str]:
-    """The staged files among ``files`` (what the attempt counted); IncompleteRunError if any is gone.
+def _counted(run: RunInfo, files: list[str], storage_options: dict | None) -> tuple[list[str], set[str]]:
+    """(the staged files among ``files``, the final URIs of all of them): what the attempt counted.
 
     Only these are committed: a staged file the attempt did not count (an earlier attempt's,
     still running when this one started) would put its images in the dataset twice.
+    IncompleteRunError if any of them is neither staged nor moved.
     """
     wanted = {final_uri(run, f, storage_options) if _is_staged(run, f, storage_options) else f for f in files}
-    staged = [s for s in staged_files(run, storage_options) if final_uri(run, s, storage_options) in wanted]
-    found = {*(final_uri(run, s, storage_options) for s in staged), *(set(moved_files(run, storage_options)) & wanted)}
+    staged = _staged_for(run, wanted, storage_options)
+    found = {*staged.values(), *(set(moved_files(run, storage_options)) & wanted)}
     if found != wanted:
         lost = sorted(wanted - found)
         raise IncompleteRunError(f"{len(lost)} of the files run {run.run_id} counted are neither staged nor in the "
                                  f"dataset (one: {lost[0]}); nothing was committed")
-    return staged
+    return list(staged), wanted
+
+
+def _staged_for(run: RunInfo, finals: set[str], storage_options: dict | None) -> dict[str, str]:
+    """The run's staged files whose final URI is one of ``finals``, each with that URI."""
+    staged = {s: final_uri(run, s, storage_options) for s in staged_files(run, storage_options)}
+    return {s: final for s, final in staged.items() if final in finals}
 
 
 def _finish(summary: RunSummary, run: RunInfo, staged: list[str], storage_options: dict | None) -> RunSummary:
@@ -249,9 +254,8 @@ def roll_forward(output: str, storage_options: dict | None = None) -> list[str]:
             continue
         run = RunInfo(summary.run_id, summary.run_date, summary.started_at, output)
         logger.warning("run %s crashed while committing: finishing its commit", run.run_id)
-        listed = set(summary.files)  # the staged files of an attempt that was taken over are not
-        staged = [s for s in staged_files(run, storage_options) if final_uri(run, s, storage_options) in listed]
-        _finish(summary, run, staged, storage_options)
+        # only the files the manifest lists: the staged files of an attempt taken over are not
+        _finish(summary, run, list(_staged_for(run, set(summary.files), storage_options)), storage_options)
         done.append(run.run_id)
     return done
 

@@ -67,6 +67,22 @@ def test_a_run_resumed_while_its_first_attempt_lives_commits_each_image_once(tmp
     assert not (tmp_path / "_staging" / "r1").exists()
 
 
+def test_a_commit_retried_after_a_partial_move_lists_every_file(tmp_path, monkeypatch):
+    """Prefect retries the commit step with the score step's summary (staged URIs): the files the
+    first try moved must stay in the manifest, or planning would not see their rows."""
+    run = RunInfo("r1", "2026-12-05", "2026-12-05T00:00:00+00:00", str(tmp_path))
+    files = _stage(run, range(0, 3)) + _stage(run, range(3, 6))
+    summary = RunSummary("r1", "running", "m", "/in", str(tmp_path), run_date=run.run_date, files=files)
+    real = commit_mod._move
+    monkeypatch.setattr(commit_mod, "_move", lambda r, staged, so: real(r, staged[:1], so) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        commit_mod.commit(summary, run)
+    monkeypatch.setattr(commit_mod, "_move", real)
+    done = commit_mod.commit(summary, run)
+    assert done.status == "committed" and len(done.files) == 2
+    assert _dataset_uris(tmp_path) == [f"file:///images/{i:05d}.jpg" for i in range(6)]
+
+
 def test_a_roll_forward_moves_only_the_files_its_manifest_lists(tmp_path, monkeypatch):
     run = RunInfo("r1", "2026-12-05", "2026-12-05T00:00:00+00:00", str(tmp_path))
     a = commit_mod.claim_run(run)
