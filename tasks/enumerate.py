@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
-_GLOB_CHARS = set("*?[")
 _PLAN_CHUNK = 10_000
 
 
@@ -55,7 +54,7 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
             entries = _walk(fs, path)
         elif fs.exists(path):
             entries = [(path, fs.info(path))]
-        elif _GLOB_CHARS & set(path) and _glob_root_exists(fs, path):
+        elif storage.GLOB_CHARS & set(path) and _glob_root_exists(fs, path):
             entries = fs.glob(path, detail=True).items()
         else:
             raise storage.InputNotFoundError(
@@ -81,8 +80,7 @@ def _glob_root_exists(fs, pattern: str) -> bool:
     A glob under a folder that is not there (a typo, a renamed prefix) would match nothing,
     and a nightly run would commit no images night after night instead of failing.
     """
-    first = min(pattern.find(c) for c in _GLOB_CHARS if c in pattern)
-    cut = pattern.rfind("/", 0, first)
+    cut = storage.glob_cut(pattern)
     return cut < 0 or fs.exists(pattern[:cut] or "/")
 
 

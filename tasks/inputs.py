@@ -11,7 +11,6 @@ bytes per object, measured in docs/listing.md).
 from __future__ import annotations
 
 import fnmatch
-import re
 import itertools
 import logging
 from datetime import datetime
@@ -54,8 +53,8 @@ def list_inputs(settings: ScoreSettings) -> Iterator[ImageObject]:
         fs, path = storage.filesystem(settings.input, settings.storage_options)
         # patterns are relative to the input folder; for a glob, to the part before its first glob
         # character. A path that exists is no glob, whatever it holds (as list_images takes it)
-        glob = None if fs.exists(path) else re.search(r"[*?\[]", path)
-        static = path[: path.rfind("/", 0, glob.start())] if glob else path.rstrip("/")
+        cut = None if fs.exists(path) else storage.glob_cut(path)
+        static = path[:cut] if cut is not None else path.rstrip("/")
         root = storage.to_uri(fs, static) + "/"
     return (o for o in objects if _selected(o, root, settings))
 

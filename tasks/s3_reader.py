@@ -85,6 +85,17 @@ class S3Reader:
         return (bool(key) and key[0] != "/" and key[-1] != "/" and "//" not in key
                 and not {".", ".."} & set(key.split("/")))
 
+    def record(self, recovered: list[bool]) -> tuple[int, int, bool]:
+        """Note, for each object this reader tried, whether s3fs read it after this reader failed.
+
+        Returns (failed, tried) over the last JUDGED objects, and whether that is enough to
+        leave every later read to s3fs: half of them, once MIN_JUDGED were tried.
+        """
+        with self._lock:
+            self.recent.extend(recovered)
+            failed, tried = sum(self.recent), len(self.recent)
+        return failed, tried, tried >= MIN_JUDGED and 2 * failed >= tried
+
     def disable(self, reason: str) -> None:
         """Leave every later read to s3fs, saying why once."""
         if self.enabled:

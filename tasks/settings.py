@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .storage import GLOB_CHARS
+
 DEFAULT_MODEL = "facebook/deit-base-distilled-patch16-224"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # In the parameter schema too, so that the server refuses a flow run before a worker starts it;
@@ -105,7 +107,7 @@ class ScoreSettings(BaseModel):
     def _output_literal(cls, v: str) -> str:
         # fsspec reads '*', '?' and '[' as patterns wherever it lists, moves or deletes: under
         # "scores [v2]" the commit would find none of the run's staged files and discard them
-        if set(v) & set("*?["):
+        if GLOB_CHARS & set(v):
             raise ValueError("must not contain '*', '?' or '[' (the storage layer reads them as patterns); "
                              "choose a folder name without them")
         return v

@@ -36,6 +36,16 @@ _LISTING_CACHES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 S3_POOL_CONNECTIONS = 64
 
 
+# what fsspec reads as glob characters, wherever it lists, moves or deletes
+GLOB_CHARS = frozenset("*?[")
+
+
+def glob_cut(pattern: str) -> int | None:
+    """Index of the '/' before ``pattern``'s first glob character (-1 if none precedes it); None without one."""
+    first = next((i for i, c in enumerate(pattern) if c in GLOB_CHARS), None)
+    return None if first is None else pattern.rfind("/", 0, first)
+
+
 class StorageConfigError(OSError):
     """``uri`` cannot be reached as configured: unknown scheme, missing driver, no credentials."""
 
@@ -184,11 +194,10 @@ def _judge(fast, first: dict[str, Any], values: dict[str, Any]) -> None:
     be read twice. Judged over the reader's last objects (``s3_reader.JUDGED``), not one
     call's: a call may read one object.
     """
-    recovered = [p for p, value in first.items() if not isinstance(value, bytes) and isinstance(values[p], bytes)]
-    with fast._lock:
-        fast.recent.extend(p in recovered for p in first)
-        tried, failed = len(fast.recent), sum(fast.recent)
-    if recovered and tried >= s3_reader.MIN_JUDGED and 2 * failed >= tried:
+    outcome = {p: not isinstance(value, bytes) and isinstance(values[p], bytes) for p, value in first.items()}
+    recovered = [p for p, read_by_s3fs in outcome.items() if read_by_s3fs]
+    failed, tried, enough = fast.record(list(outcome.values()))
+    if recovered and enough:
         fast.disable(f"obstore failed on {failed} of the last {tried} objects that s3fs read, e.g. "
                      f"{recovered[0]}: {type(first[recovered[0]]).__name__}: {first_line(first[recovered[0]])}")
 
