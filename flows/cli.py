@@ -193,10 +193,9 @@ def run_flow(params: dict) -> int:
 
 def _run_flow(params: dict) -> int:
     settings, ref = check_settings(params)
-    from tasks.early_pool import discard_early
     from tasks.plan import RunRefused, new_run_id
     from tasks.pipeline import start_actors_early
-    from tasks.ray_cluster import start_early, stop_early
+    from tasks.ray_cluster import start_early
 
     from .prefect_early import start_temporary_server
 
@@ -215,15 +214,15 @@ def _run_flow(params: dict) -> int:
         name: os.path.abspath(os.path.expanduser(getattr(settings, name))) for name in ("input", "output")
         if "://" not in getattr(settings, name)}})
     resume = f"rerun with --run-id {settings.run_id} (and the same options) to resume"
+    interrupted = f"run {settings.run_id} interrupted; {resume}"
     try:
         with _terminate_as_interrupt():
             wait_for_prefect()
             state = score_images(**settings.model_dump(), return_state=True)
     except KeyboardInterrupt:
-        raise Interrupted(f"run {settings.run_id} interrupted; {resume}") from None
+        raise Interrupted(interrupted) from None
     finally:
-        discard_early()  # only if the run never reached scoring
-        stop_early()
+        _stop_early_work(interrupted)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, ErrorThresholdExceeded):
@@ -237,6 +236,22 @@ def _run_flow(params: dict) -> int:
         return EXIT_FAILED
     print(format_summary(state.result()))
     return EXIT_OK
+
+
+def _stop_early_work(interrupted: str) -> None:
+    """Stop what the command started early; Ctrl-C meanwhile still ends with ``interrupted``.
+
+    Why: a second Ctrl-C while Ray shut down replaced the line that says how to resume with a
+    bare "interrupted" (found in review); the run's id is known only here.
+    """
+    from tasks.early_pool import discard_early
+    from tasks.ray_cluster import stop_early
+
+    try:
+        discard_early()  # only if the run never reached scoring
+        stop_early()
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted) from None
 
 
 @contextlib.contextmanager

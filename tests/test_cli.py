@@ -235,3 +235,15 @@ def test_ctrl_c_before_the_run_starts_is_one_line_and_exit_130(capsys, monkeypat
     monkeypatch.setattr(cli, "run_flow", interrupted)
     code, _, err = _run(capsys, "run", "--input", "x", "--output", "y")
     assert code == cli.EXIT_INTERRUPTED == 130 and err.strip() == "score-images: interrupted"
+
+
+def test_ctrl_c_again_while_shutting_down_keeps_the_resume_line(monkeypatch):
+    import flows.cli as cli
+    import tasks.ray_cluster
+
+    def pressed_again():
+        raise KeyboardInterrupt  # the user's second Ctrl-C, while Ray shuts down
+
+    monkeypatch.setattr(tasks.ray_cluster, "stop_early", pressed_again)
+    with pytest.raises(cli.Interrupted, match="^run r1 interrupted; rerun with --run-id r1"):
+        cli._stop_early_work("run r1 interrupted; rerun with --run-id r1 (and the same options) to resume")
