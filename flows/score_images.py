@@ -58,8 +58,10 @@ _RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_fac
 @task(name="plan", **_RETRIES)
 def plan_task(settings: ScoreSettings, run: RunInfo) -> dict:
     """Resolve the model, list the input and write the plan: what is new, changed, skipped."""
+    from deit_model import inspect_checkpoint  # reads config.json only
+
     ref = run_checkpoint(settings)
-    counts = plan_run(settings, run, ref.name, ref.revision)
+    counts = plan_run(settings, run, ref.name, ref.revision, inspect_checkpoint(ref.local_dir).embedding_dim)
     return {"model": ref.name, "model_revision": ref.revision, **asdict(counts)}
 
 

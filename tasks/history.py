@@ -11,13 +11,14 @@ import logging
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from deit_model.decode import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_LARGE
 
 from . import storage
 from .plan import RunRefused
 from .report import RunSummary, list_runs
-from .schema import table_of
+from .schema import model_slug, table_of
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,34 @@ def _versions(runs: list[RunSummary], revision: str | None, kind: str, storage_o
         return pa.table({"uri": pa.array([], pa.string()), "version": pa.array([], pa.string()),
                          **{name: pa.array([], pa.string()) for name in extra}})
     return pa.table({"uri": table["uri"], "version": version_key(table), **{name: table[name] for name in extra}})
+
+
+def check_embedding_width(runs: list[RunSummary], model: str, revision: str | None, width: int,
+                          storage_options: dict | None = None) -> None:
+    """Refuse a checkpoint whose embeddings differ in width from those already under its partition.
+
+    Why: ``embedding`` is a fixed-size list, so two widths in one ``model_slug=``
+    partition make Polars and pyarrow refuse to read it (found in review: two
+    checkpoints in folders named ``final``). One footer is read: the newest file
+    of another revision of the same slug. Other revisions of the same width pass.
+    """
+    slug = model_slug(model)
+    others = [r for r in runs if model_slug(r.model) == slug and r.model_revision != revision]
+    for uri in reversed(committed_files(others, "predictions")[-3:]):  # newest first; a file may be gone
+        fs, path = storage.filesystem(uri, storage_options)
+        try:
+            with fs.open(path, "rb") as fh:
+                field = pq.read_schema(fh).field("embedding")
+        except FileNotFoundError:
+            continue
+        if field.type.list_size != width:
+            run = next(r for r in others if uri in r.files)
+            raise RunRefused(
+                f"model_slug={slug} already holds embeddings of {field.type.list_size} floats from model "
+                f"{run.model!r} revision {run.model_revision} (run {run.run_id}); this checkpoint's are {width}, "
+                "and readers cannot combine both widths in one partition: give the checkpoint's folder another "
+                "name, or write to another --output")
+        return
 
 
 def failed_uris(output: str, model: str, which: str, storage_options: dict | None = None) -> set[str]:

@@ -146,15 +146,20 @@ class PlanCounts:
     to_score: int = 0
 
 
-def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | None) -> PlanCounts:
+def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | None,
+             width: int | None = None) -> PlanCounts:
     """List the input, choose what to score, and write the run's plan file.
 
     ``limit`` cuts the plan (after already-scored images are skipped, and with
     retries of earlier failures last), so ``skipped + to_score`` can be less than ``listed``.
+    ``width``, the checkpoint's embedding width, is checked against what the output holds.
     """
-    from .history import failed_uris
+    from .history import check_embedding_width, committed_runs, failed_uris
     from .inputs import list_inputs
 
+    runs = committed_runs(settings.output, settings.storage_options)  # one read of the manifests
+    if width is not None:
+        check_embedding_width(runs, model, revision, width, settings.storage_options)
     listing = unique_uris(_listing_table(list_inputs(settings)))
     counts = PlanCounts(listed=listing.num_rows)
     known = None  # URIs with an earlier successful prediction: what "changed" means
@@ -164,7 +169,7 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     elif settings.force:
         plan = listing
     else:
-        plan, known = _incremental(listing, settings, model, revision, counts)
+        plan, known = _incremental(listing, settings, [r for r in runs if r.model == model], revision, counts)
     if known is None:  # --force or --only-failed: what they leave out of the listing
         counts.skipped = counts.listed - plan.num_rows
     if settings.limit and plan.num_rows > settings.limit:
@@ -182,16 +187,16 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     return counts
 
 
-def _incremental(listing: pa.Table, settings: ScoreSettings, model: str, revision: str | None,
+def _incremental(listing: pa.Table, settings: ScoreSettings, runs: list, revision: str | None,
                  counts: PlanCounts) -> tuple[pa.Table, pa.Array]:
-    """(plan, URIs scored before): the listing less what was scored, or failed for good, in this version.
+    """(plan, URIs scored before): the listing less what committed ``runs`` of the model scored,
+    or failed for good, in this version.
 
     Failures that may pass (a read error) are planned again, after everything else when
     a limit cuts the plan, so a few objects that fail every night cannot take all of it.
     """
-    from .history import committed_runs, failed_versions, scored_versions, version_key
+    from .history import failed_versions, scored_versions, version_key
 
-    runs = committed_runs(settings.output, settings.storage_options, model)  # one read of the manifests
     scored = scored_versions(runs, revision, settings.storage_options)
     failed = failed_versions(runs, revision, settings.storage_options)
     keyed = listing.append_column("version", version_key(listing))

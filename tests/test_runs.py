@@ -172,6 +172,30 @@ def test_a_resume_scores_with_the_checkpoint_the_run_was_planned_with(ray_cluste
     exactly_once(out, "pinned", [f"file://{p}" for p in photos.iterdir()])
 
 
+def test_a_checkpoint_of_another_width_under_a_taken_name_is_refused(ray_cluster, prefect_harness, photos,
+                                                                    tiny_checkpoint, tmp_path):
+    """Two checkpoints in folders named ``final`` share a partition; their embeddings must fit one schema."""
+    from deit_model import create_random_checkpoint
+    from tasks.plan import RunRefused, new_run, plan_run
+    from tasks.settings import ScoreSettings
+
+    from .conftest import TINY_MODEL, TINY_OVERRIDES
+
+    first, wider, same_width, out = (tmp_path / d / "final" for d in ("a", "b", "c", "out"))
+    shutil.copytree(tiny_checkpoint, first)
+    create_random_checkpoint(TINY_MODEL, wider, seed=0, **{**TINY_OVERRIDES, "hidden_size": 96})
+    create_random_checkpoint(TINY_MODEL, same_width, seed=1, **TINY_OVERRIDES)  # retrained: same width
+    common = dict(input=str(photos), output=str(out), limit=2, **FAST)
+    assert _ok(**common, model=str(first)).status == "committed"
+    state, error = _run(**common, model=str(wider))
+    assert state.is_failed() and isinstance(error, RunRefused), state.message
+    assert "model_slug=final already holds embeddings of 64 floats" in str(error) and "are 96" in str(error)
+    assert not (out / "_staging").exists() or not list((out / "_staging").glob("**/*.parquet"))
+    settings = ScoreSettings(**common, model=str(same_width))
+    counts = plan_run(settings, new_run(settings), "final", "sha256:another", width=64)
+    assert counts.to_score == 2  # another revision of the same width: planned, as before
+
+
 def test_crash_while_committing_is_rolled_forward(ray_cluster, prefect_harness, tiny_checkpoint, photos,
                                                   tmp_path, monkeypatch):
     import tasks.commit as commit_mod
