@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from . import local_files, storage
 from .atomic import write_atomic
 from .schema import PLAN_SCHEMA
 
@@ -65,7 +65,7 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
             if info.get("type") == "directory" or not is_image_name(p):
                 continue
             etag, mtime = storage.object_version(info)
-            yield ImageObject(storage.to_uri(fs, p), info.get("size"), etag, mtime)
+            yield ImageObject(storage.to_uri(fs, local_files.storable(p)), info.get("size"), etag, mtime)
     except storage.InputNotFoundError:
         raise
     except Exception as exc:  # backend errors while listing
@@ -85,18 +85,40 @@ def _glob_root_exists(fs, pattern: str) -> bool:
 
 
 def _walk(fs, root: str) -> Iterator[tuple[str, dict]]:
-    # walk yields one directory at a time, so a huge prefix is never held whole;
-    # names are sorted so a listing is repeatable.
-    for dirpath, _dirs, files in fs.walk(root, detail=True):
-        base = dirpath.rstrip("/")
-        for name in sorted(files):
-            if name:
-                yield f"{base}/{name}", files[name]
-                continue
-            # keys with an empty segment ("a//b.jpg"): walk shows the "a//" prefix as a nameless
-            # folder that it never enters, and they were skipped; the store lists them flat
-            found = fs.find(base, detail=True)
-            yield from ((p, found[p]) for p in sorted(found) if p.startswith(base + "//"))
+    """(path, info) of every file under ``root``, one folder listed at a time, in name order.
+
+    One level per ``walk`` call: fsspec passes ``on_error`` to the top level only, and left a
+    subfolder it could not list out without a word. One folder at a time, a huge prefix is
+    never held whole; sorted, a listing is repeatable.
+    """
+    pending = [root]
+    while pending:
+        for dirpath, dirs, files in fs.walk(pending.pop(), maxdepth=1, detail=True, on_error=_unlisted):
+            base = dirpath.rstrip("/")
+            for name in sorted(files):
+                if name:
+                    yield f"{base}/{name}", files[name]
+                    continue
+                # keys with an empty segment ("a//b.jpg"): walk shows the "a//" prefix as a nameless
+                # folder that it never enters, and they were skipped; the store lists them flat
+                found = fs.find(base, detail=True)
+                yield from ((p, found[p]) for p in sorted(found) if p.startswith(base + "//"))
+            pending.extend(dirs[d]["name"].rstrip("/") for d in sorted(dirs, reverse=True))
+
+
+def _unlisted(exc: OSError) -> None:
+    """A folder under the input that cannot be listed fails the listing, naming it.
+
+    fsspec's default left such a folder out without a word, and with it every image in it
+    (found in review: a folder without read permission). One removed while it was listed
+    holds nothing to lose.
+    """
+    if isinstance(exc, FileNotFoundError):
+        return
+    message = (f"cannot list folder {exc.filename or '?'} under the input ({exc.strerror or exc}); its images "
+               "would be left out: fix its permissions, or narrow --input")
+    kind = type(exc) if type(exc).__module__ == "builtins" else OSError  # a driver's own class may take other arguments
+    raise (kind(exc.errno, message) if exc.errno is not None else kind(message)) from exc
 
 
 def write_plan(plan: pa.Table, plan_uri: str, storage_options: dict | None = None) -> int:

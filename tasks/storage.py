@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import fsspec
 
-from tasks import s3_reader
+from tasks import local_files, s3_reader
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | OSError]:
     fast = s3_reader.reader_for(fs)
     first = fast.read({p: s for p, s in stripped.items() if fast.readable(s)}) if fast else {}
     again = [p for p in paths if not isinstance(first.get(p), bytes)]
-    raw = _cat(fs, again) if again else {}
+    raw = (local_files.read_regular(fs, again, _cat) if is_local(fs) else _cat(fs, again)) if again else {}
     values = {p: first.get(p) for p in paths}
     values.update((p, raw.get(p, raw.get(stripped[p]))) for p in again)
     if first:

@@ -125,3 +125,56 @@ def test_keys_with_an_empty_segment_are_listed(s3fs_client, s3_bucket, s3_server
     from tasks.storage import read_uris
 
     assert read_uris(listed, {"endpoint_url": s3_server}) == [b"x"] * len(keys)  # and read as listed
+
+
+def test_a_name_that_is_not_utf8_is_listed_escaped_planned_and_read(tmp_path, photos):
+    """One such file failed the whole run at planning (Parquet strings are UTF-8)."""
+    from tasks.storage import read_uris
+
+    jpeg = (photos / "china.jpg").read_bytes()
+    (tmp_path / "ok.jpg").write_bytes(jpeg)
+    with open(bytes(tmp_path) + b"/caf\xe9 \xff.jpg", "wb") as fh:  # Latin-1 bytes, as an old camera card has
+        fh.write(jpeg)
+    objs = list(list_images(str(tmp_path)))
+    uris = sorted(o.uri for o in objs)
+    assert uris == [f"file://{tmp_path}/caf\\xe9 \\xff.jpg", f"file://{tmp_path}/ok.jpg"]
+    assert plan_table(objs).num_rows == 2  # writable: this raised UnicodeEncodeError
+    assert read_uris(uris, {}) == [jpeg, jpeg]  # the escaped name reads the file it names
+
+
+def test_fifos_and_devices_become_read_errors_instead_of_blocking(tmp_path, photos):
+    import os
+
+    from tasks.storage import read_uris
+
+    os.mkfifo(tmp_path / "pipe.jpg")  # a read would wait for a writer for ever
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")  # a read would never end
+    (tmp_path / "ok.jpg").write_bytes((photos / "china.jpg").read_bytes())
+    got = dict(zip(["ok", "pipe", "zero"], read_uris([f"file://{tmp_path}/{n}.jpg" for n in ("ok", "pipe", "zero")], {})))
+    assert isinstance(got["ok"], bytes)
+    for name in ("pipe", "zero"):
+        assert isinstance(got[name], OSError) and not isinstance(got[name], FileNotFoundError)
+        assert "not a regular file" in str(got[name]) and f"{name}.jpg" in str(got[name])
+
+
+def test_a_subfolder_that_cannot_be_listed_fails_the_listing_naming_it(tmp_path, photos, monkeypatch):
+    """fsspec's walk leaves such a folder out silently below the top level; its images would be lost.
+
+    The permission error is injected (tests may run as root, whom chmod does not stop).
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    for folder in ("a", "b/locked"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "x.jpg").write_bytes((photos / "china.jpg").read_bytes())
+    real_ls = LocalFileSystem.ls
+
+    def ls(self, path, *args, **kwargs):
+        if path.rstrip("/").endswith("/b/locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_ls(self, path, *args, **kwargs)
+
+    assert len(list(list_images(str(tmp_path)))) == 2
+    monkeypatch.setattr(LocalFileSystem, "ls", ls)
+    with pytest.raises(PermissionError, match=r"cannot list folder .*/b/locked under the input \(Permission denied\)"):
+        list(list_images(str(tmp_path)))
