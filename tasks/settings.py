@@ -119,6 +119,14 @@ class ScoreSettings(BaseModel):
             raise ValueError("use letters, digits, '.', '_' and '-' (at most 128)")
         return v
 
+    @field_validator("only_failed")
+    @classmethod
+    def _a_run_or_any(cls, v: Optional[str]) -> Optional[str]:
+        # '' ran an ordinary incremental run, recorded as only_failed '' (found in review)
+        if v is not None and not _RUN_ID.fullmatch(v.strip()):
+            raise ValueError("must name a run id (score-images runs lists them) or be 'any'")
+        return v if v is None else v.strip()
+
     @model_validator(mode="after")
     def _one_decode_shortcut(self) -> "ScoreSettings":
         if self.fast_decode and self.device_decode:

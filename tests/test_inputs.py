@@ -329,3 +329,38 @@ def test_a_manifest_from_a_newer_version_is_read(tmp_path, caplog):
     assert json.loads((tmp_path / "_runs" / "r1" / "manifest.json").read_text())["future_count"] == 7
     # no predictions written: the summary offers no query that would fail on a missing folder
     assert "read_parquet" not in format_summary(summary) and "0 files" in format_summary(summary)
+
+
+@pytest.mark.parametrize("fraction, cap, planned, limit", [
+    (0.05, None, 9, 1),     # a small nightly run tolerates its one broken file (rounded down, 0)
+    (0.05, None, 19, 1),
+    (0.05, None, 100, 5),
+    (0.2, None, 11, 2),
+    (0.0, None, 100, 0),    # a share of 0 tolerates none
+    (0.05, 0, 100, 0),      # the smaller of the two
+    (None, 3, 100, 3),
+    (None, None, 100, None),
+])
+def test_the_failure_limit_rounds_a_share_down_but_tolerates_one(fraction, cap, planned, limit):
+    from tasks.pipeline import ErrorThresholdExceeded, check_failures, failure_limit
+
+    settings = ScoreSettings(input="i", output="o", max_failed=cap, max_failed_fraction=fraction)
+    assert failure_limit(settings, planned) == limit
+    if limit is not None:
+        check_failures(settings, planned, limit, {"empty_object": limit})  # at the limit: passes
+        with pytest.raises(ErrorThresholdExceeded, match="rerun it with the same --run-id and a higher"):
+            check_failures(settings, planned, limit + 1, {"empty_object": limit + 1})
+
+
+@pytest.mark.parametrize("parameters, says", [
+    ({}, "8 already scored"),
+    ({"only_failed": "any"}, "8 not selected (--only-failed)"),
+    ({"force": True, "limit": 1}, "8 left for a later run (--limit)"),
+])
+def test_the_summary_names_what_the_plan_left_out(parameters, says):
+    """With --only-failed, never-scored images were reported as "already scored" (found in review)."""
+    from tasks.report import RunSummary, format_summary
+
+    summary = RunSummary(run_id="r", status="committed", model="m", input="i", output="o", listed=9,
+                         changed=1, skipped=8, to_score=1, parameters=parameters)
+    assert "9 listed: 0 new, 1 changed, " + says in format_summary(summary)
