@@ -70,9 +70,14 @@ def resolve_checkpoint(
     local = model[len("file://"):] if model.startswith("file://") else model
     if os.path.isdir(local):
         _no_branch_of_a_directory(model, revision)
-        _check_weights(local)
         local = os.path.abspath(local)  # workers may run elsewhere than the driver's cwd
-        return CheckpointRef(Path(local).name, local, local, content_hash(local) if identify else None)
+        try:
+            _check_weights(local)
+            return CheckpointRef(Path(local).name, local, local, content_hash(local) if identify else None)
+        except OSError as exc:  # a weights "file" that is a folder, a dangling link, no permission
+            raise ModelLoadError(f"cannot read checkpoint directory {model!r}: {exc}") from exc
+    if os.path.isfile(local):
+        raise ModelLoadError(f"model {model!r} is a file; pass the checkpoint's directory (save_pretrained format)")
     if not _HUB_ID.fullmatch(model):
         raise ModelLoadError(
             f"model directory {model!r} does not exist; pass an existing checkpoint "

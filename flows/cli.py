@@ -18,7 +18,7 @@ import typing
 
 from pydantic import ValidationError
 
-from tasks.settings import ScoreSettings, format_validation_error
+from tasks.settings import ScoreSettings, format_validation_error, name_fields
 
 if typing.TYPE_CHECKING:
     from deit_model import CheckpointRef
@@ -228,11 +228,14 @@ def _run_flow(params: dict) -> int:
         if isinstance(error, ErrorThresholdExceeded):
             print(f"score-images: run {settings.run_id} failed: {error}", file=sys.stderr)
             return EXIT_TOO_MANY_ERRORS
-        first_line = (state.message or "unknown error").strip().splitlines()[0]
         # a refusal (a resume with other options, a changed checkpoint, an unknown --only-failed
-        # run) says what to do instead; anything else may pass on a resume
-        hint = "" if isinstance(error, RunRefused) else f" (details in the log above; {resume})"
-        print(f"score-images: run {settings.run_id} failed: {first_line}{hint}", file=sys.stderr)
+        # run) says what to do instead, in the options' spelling; anything else may pass on a resume
+        if isinstance(error, RunRefused):
+            print(f"score-images: run {settings.run_id} failed: {name_fields(str(error), flag)}", file=sys.stderr)
+            return EXIT_FAILED
+        first_line = (state.message or "unknown error").strip().splitlines()[0]
+        print(f"score-images: run {settings.run_id} failed: {first_line} (details in the log above; {resume})",
+              file=sys.stderr)
         return EXIT_FAILED
     print(format_summary(state.result()))
     return EXIT_OK

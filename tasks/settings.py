@@ -175,6 +175,11 @@ _FIELD_IN_TEXT = re.compile(r"\b(?:" + "|".join(n for n in _FIELDS if "_" in n) 
                             r"|\b(?:" + "|".join(_FIELDS) + r")(?==)")
 
 
+def name_fields(text: str, name=str) -> str:
+    """``text`` with the settings' names in it (those with an underscore) as ``name`` spells them."""
+    return _FIELD_IN_TEXT.sub(lambda m: name(m.group(0)), text)
+
+
 def format_validation_error(exc, name=str, whole: str = "settings") -> str:
     """One line from a pydantic ValidationError: 'field: message (got X)' per problem.
 
@@ -188,6 +193,6 @@ def format_validation_error(exc, name=str, whole: str = "settings") -> str:
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own ValueErrors
         if not loc:  # a rule between fields names them in its message: as the reader typed them too
-            message = _FIELD_IN_TEXT.sub(lambda m: name(m.group(0)), message)
+            message = name_fields(message, name)
         parts.append(f"{name(loc) if loc else whole}: {message}{shown}")
     return "; ".join(parts)

@@ -248,3 +248,21 @@ def test_ctrl_c_again_while_shutting_down_keeps_the_resume_line(monkeypatch):
     monkeypatch.setattr(tasks.ray_cluster, "stop_early", pressed_again)
     with pytest.raises(cli.Interrupted, match="^run r1 interrupted; rerun with --run-id r1"):
         cli._stop_early_work("run r1 interrupted; rerun with --run-id r1 (and the same options) to resume")
+
+
+def test_a_refused_resume_is_one_line_in_the_options_spelling(capsys, tmp_path, tiny_checkpoint, image_dir,
+                                                              ray_cluster, prefect_harness):
+    """It was Prefect's "Flow run encountered an exception: RunRefused: ... different top_k" (found in review)."""
+    from tasks.plan import new_run
+    from tasks.report import RunSummary, public_parameters, write_manifest
+
+    out = tmp_path / "o"
+    started = ScoreSettings(input=str(image_dir), output=str(out), model=str(tiny_checkpoint), run_id="r1", top_k=3)
+    run = new_run(started)
+    write_manifest(RunSummary("r1", "failed", started.model, started.input, started.output, run_date=run.run_date,
+                              parameters=public_parameters(started), started_at=run.started_at), run)
+    code, _, err = _run(capsys, "run", "--input", str(image_dir), "--output", str(out), "--model",
+                        str(tiny_checkpoint), "--run-id", "r1", "--top-k", "5")
+    (line,) = [line for line in err.splitlines() if line.startswith("score-images:")]
+    assert code == 1 and line.startswith("score-images: run r1 failed: run r1 was started with different --top-k;")
+    assert "encountered an exception" not in line and "to resume" not in line

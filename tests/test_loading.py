@@ -196,3 +196,18 @@ def test_inspecting_a_checkpoint_does_not_import_torch(tiny_checkpoint):
     with pytest.raises(AttributeError):
         deit_model.no_such_name  # noqa: B018
     assert set(deit_model.__all__) <= set(dir(deit_model))
+
+
+def test_an_unreadable_checkpoint_directory_or_a_file_is_a_model_load_error(tmp_path, tiny_checkpoint):
+    """They were tracebacks (IsADirectoryError, FileNotFoundError from the content hash), exit 1 (found in review)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "old.safetensors").symlink_to(tmp_path / "gone")  # a dangling link among the weights
+    with pytest.raises(ModelLoadError, match="cannot read checkpoint directory .*old.safetensors"):
+        resolve_checkpoint(str(ckpt))
+    (ckpt / "old.safetensors").unlink()
+    (ckpt / "more.safetensors").mkdir()  # a folder where a weights file should be
+    with pytest.raises(ModelLoadError, match="cannot read checkpoint directory .*Is a directory"):
+        resolve_checkpoint(str(ckpt))
+    with pytest.raises(ModelLoadError, match="is a file; pass the checkpoint's directory"):
+        resolve_checkpoint(str(ckpt / "config.json"))
