@@ -8,6 +8,7 @@ special-cased: 16/32-bit integer images, which PIL would clip instead of scale.
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 
@@ -69,8 +70,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: 
         # errors table and differs between runs; the object's first bytes say what it is
         raise DecodeError(NOT_AN_IMAGE, f"not a recognised image format ({len(data)} bytes, starting "
                                         f"{data[:8]!r})") from exc
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(TOO_LARGE, str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(CORRUPT, f"cannot decode image: {exc}") from exc
     return to_rgb(img, source_format)
@@ -89,14 +88,38 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     call so a larger --max-pixels takes effect, and ours is reported instead of
     its warning.
     """
-    with _OPEN_LOCK, warnings.catch_warnings():
-        pil_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    with _OPEN_LOCK, warnings.catch_warnings(record=True) as seen:
+        pil_limit, pil_warns = Image.MAX_IMAGE_PIXELS, Image.WARN_POSSIBLE_FORMATS
+        Image.MAX_IMAGE_PIXELS, Image.WARN_POSSIBLE_FORMATS = max_pixels, True
+        warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             return Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            if damaged := _damaged_header(str(w.message) for w in seen):
+                raise DecodeError(CORRUPT, f"cannot decode image: {damaged}") from exc
+            raise
+        except Image.DecompressionBombError as exc:
+            # PIL names its own limit, twice ours (it raises past 2x MAX_IMAGE_PIXELS)
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            raise DecodeError(TOO_LARGE, f"{pixels.group(1) if pixels else 'its'} pixels exceeds the limit of "
+                                         f"{max_pixels}") from exc
         finally:
-            Image.MAX_IMAGE_PIXELS = pil_limit
+            Image.MAX_IMAGE_PIXELS, Image.WARN_POSSIBLE_FORMATS = pil_limit, pil_warns
+
+
+def _damaged_header(messages) -> str | None:
+    """PIL's reason when a format recognised the first bytes as its own and then failed.
+
+    Why: a PNG with a bad header checksum, a JPEG cut at 20 bytes, were "not a recognised
+    image format" (found in review). Only formats that check the first bytes count: PIL
+    tries the others (TGA, say) on anything, and their failure says nothing.
+    """
+    for message in messages:
+        fmt, sep, reason = message.partition(" opening failed. ")
+        if sep and Image.OPEN.get(fmt, (None, None))[1] is not None:
+            return f"{fmt}: {reason}"
+    return None
 
 
 def to_rgb(img: Image.Image, source_format: str | None = None) -> Image.Image:

@@ -115,6 +115,39 @@ def test_bad_inputs_raise_typed_errors(data, kind):
     assert str(err.value)
 
 
+def _bad_png_crc() -> bytes:
+    png = bytearray(_encode(Image.new("RGB", (40, 30)), "PNG"))
+    png[29] ^= 0xFF  # the IHDR chunk's checksum
+    return bytes(png)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (_bad_png_crc(), "PNG: broken PNG file (bad header checksum in b'IHDR')"),
+    (_encode(Image.new("RGB", (40, 30)), "JPEG")[:20], "JPEG: "),
+    (b"\xff\xd8\xff\xd9", "JPEG: "),
+])
+def test_a_damaged_header_of_a_known_format_is_corrupt_with_pils_reason(data, reason):
+    """They were "not a recognised image format" (found in review); text still is (the case above)."""
+    with pytest.raises(DecodeError) as err:
+        decode_image(data)
+    assert err.value.error_type == d.CORRUPT and str(err.value).startswith("cannot decode image: " + reason)
+
+
+def test_pixel_limit_past_pils_own_names_ours():
+    """PIL raises past twice its limit, which followed ours, and its message quoted that double."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100, 100, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    with pytest.raises(DecodeError) as err:
+        decode_image(bomb, max_pixels=1000)
+    assert err.value.error_type == d.TOO_LARGE and str(err.value) == "10000 pixels exceeds the limit of 1000"
+
+
 def test_pixel_limit():
     data = _encode(Image.new("RGB", (100, 100)), "PNG")
     with pytest.raises(DecodeError) as err:
