@@ -50,10 +50,11 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
     fs, path = storage.filesystem(input_uri, storage_options)
     try:
         # what exists is taken as named: a folder called "shoot [2024]" is a folder, not a glob
+        named = False  # one file named as the input is taken whatever its extension, as a manifest's entries are
         if fs.isdir(path):
             entries = _walk(fs, path)
         elif fs.exists(path):
-            entries = [(path, fs.info(path))]
+            entries, named = [(path, fs.info(path))], True
         elif storage.GLOB_CHARS & set(path) and _glob_root_exists(fs, path):
             entries = fs.glob(path, detail=True).items()
         else:
@@ -62,7 +63,7 @@ def list_images(input_uri: str, storage_options: dict[str, Any] | None = None) -
                 "(globs such as 's3://bucket/photos/**/*.jpg' are accepted)"
             )
         for p, info in entries:
-            if info.get("type") == "directory" or not is_image_name(p):
+            if info.get("type") == "directory" or not (named or is_image_name(p)):
                 continue
             etag, mtime = storage.object_version(info)
             yield ImageObject(storage.to_uri(fs, local_files.storable(p)), info.get("size"), etag, mtime)

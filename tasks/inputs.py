@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from . import storage
 from .enumerate import ImageObject, list_images
+from .plan import RunRefused
 from .settings import ScoreSettings, as_utc
 
 logger = logging.getLogger(__name__)
@@ -74,21 +75,30 @@ def _selected(obj: ImageObject, root: str, s: ScoreSettings) -> bool:
 
 
 def read_manifest(uri: str, storage_options: dict | None = None) -> Iterator[ImageObject]:
-    """Stream the entries of a manifest file as ImageObjects."""
+    """Stream the entries of a manifest file as ImageObjects.
+
+    A manifest that cannot be parsed refuses the run (RunRefused: a resume would read the
+    same bytes), naming it; reading errors (OSError) stay as they are, to be retried.
+    """
     fs, path = storage.filesystem(uri, storage_options)
     with fs.open(path, "rb") as fh:
-        if path.lower().endswith(".txt"):
-            batches = _text_batches(fh)
-        elif path.lower().endswith(".csv"):
-            import pyarrow.csv as pcsv
+        try:
+            if path.lower().endswith(".txt"):
+                batches = _text_batches(fh)
+            elif path.lower().endswith(".csv"):
+                import pyarrow.csv as pcsv
 
-            batches = pcsv.open_csv(fh, read_options=pcsv.ReadOptions(block_size=1 << 22))
-        else:
-            import pyarrow.parquet as pq
+                batches = pcsv.open_csv(fh, read_options=pcsv.ReadOptions(block_size=1 << 22))
+            else:
+                import pyarrow.parquet as pq
 
-            batches = pq.ParquetFile(fh).iter_batches(batch_size=_BATCH)
-        for batch in batches:
-            yield from _objects(pa.Table.from_batches([batch]), uri, storage_options)
+                batches = pq.ParquetFile(fh).iter_batches(batch_size=_BATCH)
+            for batch in batches:
+                yield from _objects(pa.Table.from_batches([batch]), uri, storage_options)
+        except (UnicodeDecodeError, pa.ArrowInvalid) as exc:  # not UTF-8 text, not CSV, not Parquet
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunRefused(f"manifest {uri} cannot be read ({reason}); a manifest is UTF-8 text (.txt), "
+                             "CSV (.csv) or Parquet") from None
 
 
 def _text_batches(fh) -> Iterator[pa.RecordBatch]:
@@ -115,7 +125,7 @@ def _objects(table: pa.Table, manifest: str, storage_options) -> Iterator[ImageO
             keys = [unquote_plus(k) for k in keys]
         uris = [f"s3://{b}/{k}" for b, k in zip(table[named["bucket"]].to_pylist(), keys)]
     if uris is None:
-        raise ValueError(f"manifest {manifest!r} has no 'uri' column (columns: {table.column_names})")
+        raise RunRefused(f"manifest {manifest!r} has no 'uri' column (columns: {table.column_names})")
     sizes, etags, mtimes = (_column(table, k) for k in ("size", "etag", "mtime"))
     if sizes is None and etags is None and mtimes is None:
         yield from _looked_up(uris, storage_options)

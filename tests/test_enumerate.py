@@ -19,11 +19,15 @@ def test_local_prefix_lists_images_recursively(image_dir):
     assert len(objs) == len(expected)
 
 
-def test_glob_and_single_file(image_dir):
+def test_glob_and_single_file(image_dir, tmp_path):
     jpgs = list(list_images(str(image_dir / "photos" / "*.jpg")))
     assert sorted(o.uri.rsplit("/", 1)[-1] for o in jpgs) == ["china.jpg", "flower.jpg", "rocket.jpg"]
     one = list(list_images(str(image_dir / "photos" / "china.jpg")))
     assert len(one) == 1 and one[0].size == (image_dir / "photos" / "china.jpg").stat().st_size
+    # a file named as the input is taken whatever its extension (it ran 0 images, exit 0)
+    (tmp_path / "scan.heic").write_bytes(b"x")
+    (named,) = list(list_images(str(tmp_path / "scan.heic")))
+    assert named.uri == f"file://{tmp_path}/scan.heic"
 
 
 def test_a_folder_or_file_whose_name_has_glob_characters_is_taken_as_named(tmp_path, photos):

@@ -364,3 +364,17 @@ def test_the_summary_names_what_the_plan_left_out(parameters, says):
     summary = RunSummary(run_id="r", status="committed", model="m", input="i", output="o", listed=9,
                          changed=1, skipped=8, to_score=1, parameters=parameters)
     assert "9 listed: 0 new, 1 changed, " + says in format_summary(summary)
+
+
+@pytest.mark.parametrize("name, body, reason", [
+    ("m.txt", b"caf\xe9.jpg\n", "'utf-8' codec can't decode byte 0xe9"),
+    ("m.parquet", b"not parquet at all", "Parquet magic bytes not found"),
+])
+def test_a_manifest_that_cannot_be_parsed_refuses_the_run_naming_it(tmp_path, name, body, reason):
+    """It was exit 1 with "rerun ... to resume", which reads the same bytes again (found in review)."""
+    from tasks.plan import RunRefused
+
+    (tmp_path / name).write_bytes(body)
+    settings = ScoreSettings(input=str(tmp_path / name), output=str(tmp_path / "o"))
+    with pytest.raises(RunRefused, match=f"manifest .*{name} cannot be read \\({reason}"):
+        list(list_inputs(settings))
