@@ -200,9 +200,12 @@ class ScorerPool:
         """
         import ray
 
+        from .ray_cluster import signals_unwrapped
+
         first: dict[int, tuple[float, int]] = {}  # actor index -> (when first seen down, its restarts)
         while True:
-            ready, _ = ray.wait(refs, num_returns=1, timeout=_WATCH_EVERY_S)
+            with signals_unwrapped():
+                ready, _ = ray.wait(refs, num_returns=1, timeout=_WATCH_EVERY_S)
             if ready:
                 return ready
             now = time.monotonic()

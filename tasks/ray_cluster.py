@@ -145,3 +145,22 @@ def cluster_resources() -> tuple[float, float]:
 
     res = ray.cluster_resources()
     return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
+@contextmanager
+def signals_unwrapped() -> Iterator[None]:
+    """Re-raise what a signal handler raised inside a blocking Ray call, not Ray's SystemError.
+
+    Why: while ``ray.wait`` blocks, an exception from a Python signal handler other than
+    KeyboardInterrupt (Prefect's TerminationSignal, on SIGTERM) comes out as ``SystemError:
+    <cyfunction CoreWorker.wait> returned a result with an exception set``, its cause the
+    handler's exception. Prefect then took the SIGTERM for a crash, and the command exited 1
+    instead of 130 with its resume line (found in review).
+    """
+    try:
+        yield
+    except SystemError as exc:
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, Exception):  # a BaseException: a signal's, not code's
+            raise cause from None
+        raise

@@ -94,3 +94,37 @@ def test_an_unused_early_start_is_shut_down(fake_ray):
     assert fake_ray == [("init", None), ("shutdown",)]
     ray_cluster.stop_early()  # nothing left to stop
     assert fake_ray == [("init", None), ("shutdown",)]
+
+
+def test_a_signal_handlers_exception_comes_out_of_ray_wait_as_itself(ray_cluster):
+    """Ray's blocking wait turned it into a SystemError, and Prefect took SIGTERM for a crash (exit 1)."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from tasks.ray_cluster import signals_unwrapped  # the module's name is the fixture's here
+
+    class Stopped(BaseException):  # as Prefect's TerminationSignal: not an Exception
+        pass
+
+    def handler(signum, frame):
+        raise Stopped
+
+    @ray.remote(num_cpus=0)
+    def slow() -> None:
+        time.sleep(60)
+
+    ref = slow.remote()
+    previous = signal.signal(signal.SIGTERM, handler)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(Stopped):
+            with signals_unwrapped():
+                ray.wait([ref], num_returns=1, timeout=30)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+        ray.cancel(ref, force=True)
