@@ -303,7 +303,7 @@ def test_killed_flow_process_then_rerun_is_exactly_once(ray_address, prefect_har
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "flows.cli", "run", "--input", str(src), "--output", str(out),
            "--model", str(tiny_checkpoint), "--run-id", "flow-kill", "--rows-per-file", "4",
-           "--checkpoint-seconds", "0.5", "--batch-size", "2", "--num-actors", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"]
+           "--checkpoint-seconds", "0.5", "--batch-size", "2", "--num-actors", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0"]
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "ph"))
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
