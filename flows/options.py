@@ -44,6 +44,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(ann) is dict:
             kwargs["type"] = json_object
             kwargs["metavar"] = "JSON"
+        kwargs.setdefault("action", _Once)
         if field.is_required():
             kwargs["required"] = True
         else:
@@ -51,6 +52,16 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
             kwargs["help"] += f" (default: {'unset' if default is None else default})"
             kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(option, **kwargs)
+
+
+class _Once(argparse.Action):
+    """Store an option's value, refusing a second one: ``--input a --input b`` scored b alone (found in review)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; give it once (--include and --exclude are the options "
+                         "that take several)")
+        setattr(namespace, self.dest, values)
 
 
 def _unwrap_optional(ann):

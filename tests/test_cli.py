@@ -41,6 +41,7 @@ def test_help_lists_every_setting(capsys):
         (["run", "--input", "x", "--output", "y", "--storage-options", "[1]"], "JSON object"),
         (["run", "--input", "x", "--output", "y", "--fast-decode", "--device-decode"], "--fast-decode and --device-"),
         (["run", "--input", "x", "--output", "y", "--only-failed", ""], "--only-failed: must name a run id"),
+        (["run", "--input", "x", "--input", "z", "--output", "y"], "--input given twice; give it once"),
         (["run", "--input", "x", "--output", "y", "--device", "cuda", "--gpus-per-actor", "0"], "needs --gpus-per-actor"),
         (["demo", "--num-images", "0"], "at least 1"),
         (["run", "--input", "x", "--output", "/data/scores [v2]"], "must not contain '*', '?' or '['"),
