@@ -49,6 +49,20 @@ def test_time_window(image_dir, tmp_path):
         assert _uris(input=str(image_dir / "photos"), modified_before=datetime(2021, 1, 1)) == ["china.jpg"]
     finally:
         os.utime(old, (saved, saved))
+    # at the bounds: modified_after is inclusive, modified_before exclusive; an object without a time is kept
+    manifest = tmp_path / "window.csv"
+    manifest.write_text("uri,size,last_modified\n"
+                        "s3://b/before-after.jpg,1,2021-01-01T23:59:59.999999Z\n"
+                        "s3://b/at-after.jpg,1,2021-01-02T00:00:00Z\n"
+                        "s3://b/before-before.jpg,1,2021-01-02T23:59:59.999999Z\n"
+                        "s3://b/at-before.jpg,1,2021-01-03T00:00:00Z\n"
+                        "s3://b/no-time.jpg,1,\n")
+    window = dict(input=str(manifest), modified_after=datetime(2021, 1, 2), modified_before=datetime(2021, 1, 3))
+    assert _uris(**window) == ["at-after.jpg", "before-before.jpg", "no-time.jpg"]
+    assert _uris(**{**window, "modified_before": None}) == ["at-after.jpg", "at-before.jpg", "before-before.jpg",
+                                                            "no-time.jpg"]
+    assert _uris(**{**window, "modified_after": None}) == ["at-after.jpg", "before-after.jpg", "before-before.jpg",
+                                                           "no-time.jpg"]
 
 
 @pytest.mark.parametrize("kind", ["txt", "csv", "parquet"])
@@ -166,8 +180,12 @@ def test_a_resume_compares_what_the_run_computes_and_defaults_what_its_manifest_
 
     settings = ScoreSettings(input="in", output="o", top_k=3)
     recorded = {k: v for k, v in settings.model_dump().items() if k != "device_decode"}  # an older manifest
-    previous = SimpleNamespace(run_id="r1", run_date="2026-11-30", started_at="t", parameters=recorded)
-    assert resumed_run(settings, previous).run_id == "r1"
+    previous = SimpleNamespace(run_id="r1", run_date="2026-11-30", started_at="2026-11-30T23:59:58+00:00",
+                               parameters=recorded)
+    resumed = resumed_run(settings, previous)
+    # the run keeps its identity and its first attempt's date and start (its partition and its rows' times)
+    assert (resumed.run_id, resumed.run_date, resumed.started_at) == ("r1", "2026-11-30", "2026-11-30T23:59:58+00:00")
+    assert resumed.output == "o"
     with pytest.raises(ValueError, match="different device_decode"):
         resumed_run(settings.model_copy(update={"device_decode": True}), previous)
     with pytest.raises(ValueError, match="different top_k"):

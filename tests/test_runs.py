@@ -129,6 +129,9 @@ def test_error_threshold(ray_cluster, prefect_harness, tiny_checkpoint, photos, 
     recorded = json.loads(manifest.read_text())
     assert recorded["status"] == "failed" and recorded["failed"] == 3  # as its message says
     assert recorded["errors_by_type"] == {"empty_object": 3}
+    # its staged files are discarded (a rerun starts the run afresh), not left for a resume to commit
+    assert not (tmp_path / "out" / "_staging" / recorded["run_id"]).exists()
+    assert not list((tmp_path / "out").glob("_staging/**/*.parquet"))
     ok = _ok(**common, max_failed=3)
     assert ok.status == "committed" and ok.failed == 3
 
