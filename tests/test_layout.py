@@ -23,41 +23,21 @@ def test_partition_keys_are_not_file_columns():
     assert predictions_schema(OutputSpec(8)).field("embedding").type == pa.list_(pa.float32(), 8)
 
 
-def test_score_actor_trusts_the_decoded_flag_not_error_type():
+def test_score_actor_trusts_the_decoded_flag_not_error_type(tiny_checkpoint):
     """Ray hands an all-None error_type column back as NaN: rows must still be scored."""
     import numpy as np
-
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
 
     from tasks.score import BatchContext, ScoringActor
 
-    class _Scorer:  # the model is not what this checks
-        top_k, activation, ref, device = 1, "softmax", type("R", (), {"revision": None}), "cpu"
-
-        def score(self, pixels, token_features=False):
-            from deit_model import ScoreResult
-
-            n = len(pixels)
-            return ScoreResult(np.zeros((n, 1), np.int32), np.ones((n, 1), np.float32), np.ones((n, 2), np.float32))
-
-        def labels(self, ids):
-            return [["x"] for _ in ids]
-
-        def stream(self):
-            import contextlib
-
-            return contextlib.nullcontext()
-
-    actor = object.__new__(ScoringActor)
-    actor.scorer, actor.preprocessor, actor._schemas, actor._model_lock = _Scorer(), None, {}, threading.Lock()
-    actor._cpu_worker = ThreadPoolExecutor(1)  # as _attach sets it for a CPU actor
+    actor = ScoringActor(model=str(tiny_checkpoint), revision=None, device="cpu", dtype="fp32", top_k=3,
+                         storage_options={})
     batch = {"uri": np.array(["a", "b"], object), "decoded": np.array([True, True]),
-             "pixel_values": np.zeros((2, 3, 4, 4), np.float32),
+             "pixel_values": actor.preprocessor([Image.new("RGB", (32, 32), c) for c in ("red", "blue")]),
              "error_type": np.array([np.nan, np.nan]), "error_message": np.array([np.nan, np.nan]),
              "source_size": np.array([1.0, np.nan]), "source_etag": np.array([None, None], object),
              "source_mtime": np.array(["2026-01-01", "NaT"], dtype="datetime64[us]")}
-    preds, errs = split_scored(actor.score_batch(batch, BatchContext("r", "m", OutputSpec(2))), OutputSpec(2))
+    preds, errs = split_scored(actor.score_batch(batch, BatchContext("r", "m", OutputSpec(64))), OutputSpec(64))
     assert preds.num_rows == 2 and errs.num_rows == 0 and preds["label_ids"].null_count == 0
     assert preds["source_size"].to_pylist() == [1, None] and preds["source_mtime"].null_count == 1
 
