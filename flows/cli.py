@@ -226,7 +226,7 @@ def _run_flow(params: dict) -> int:
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, ErrorThresholdExceeded):
-            print(f"score-images: run {settings.run_id} failed: {error}", file=sys.stderr)
+            print(f"score-images: run {settings.run_id} failed: {name_fields(str(error), flag)}", file=sys.stderr)
             return EXIT_TOO_MANY_ERRORS
         # a refusal (a resume with other options, a changed checkpoint, an unknown --only-failed
         # run) says what to do instead, in the options' spelling; anything else may pass on a resume

@@ -182,9 +182,17 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     if counts.listed == 0:
         logger.warning("no images found under %s (extensions: %s)", settings.input,
                        ", ".join(sorted(IMAGE_EXTENSIONS)))
-    logger.info("plan: %d listed, %d new, %d changed, %d already scored, %d failed before (not retried)",
-                counts.listed, counts.new, counts.changed, counts.skipped, counts.failed_before)
+    logger.info("plan: %d listed, %d new, %d changed, %d %s, %d failed before (not retried)", counts.listed,
+                counts.new, counts.changed, counts.skipped, left_out(settings.only_failed, settings.force),
+                counts.failed_before)
     return counts
+
+
+def left_out(only_failed: str | None, force: bool) -> str:
+    """What ``PlanCounts.skipped`` counts, in words: with --only-failed or --force, not "already scored"."""
+    if only_failed:
+        return "not selected (--only-failed)"
+    return "left for a later run (--limit)" if force else "already scored"
 
 
 def _incremental(listing: pa.Table, settings: ScoreSettings, runs: list, revision: str | None,

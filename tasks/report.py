@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from . import storage
 from .atomic import write_atomic
-from .plan import RunInfo
+from .plan import RunInfo, left_out
 from .schema import table_of
 from .settings import ScoreSettings
 
@@ -155,21 +155,15 @@ def list_runs(output: str, storage_options: dict | None = None) -> list[RunSumma
     return sorted(runs, key=lambda r: (r.started_at, r.run_id))
 
 
-def _left_out(summary: RunSummary) -> str:
-    """What ``skipped`` counts: with --only-failed or --force it is not "already scored" (found in review)."""
-    if summary.parameters.get("only_failed"):
-        return "not selected (--only-failed)"
-    return "left for a later run (--limit)" if summary.parameters.get("force") else "already scored"
-
-
 def format_summary(summary: RunSummary) -> str:
     """A few lines for the terminal: outcome, counts, where the data is."""
+    skipped = left_out(summary.parameters.get("only_failed"), summary.parameters.get("force", False))
     lines = [
         f"run {summary.run_id}: {summary.status}",
         f"  model:   {summary.model} ({summary.model_revision or 'unknown revision'})",
         f"  plan:    {summary.listed} listed: {summary.new} new, {summary.changed} changed, "
-        f"{summary.skipped} {_left_out(summary)}" + (f", {summary.failed_before} failed before (not retried)"
-                                                     if summary.failed_before else ""),
+        f"{summary.skipped} {skipped}" + (f", {summary.failed_before} failed before (not retried)"
+                                           if summary.failed_before else ""),
         f"  images:  {summary.scored} scored, {summary.failed} failed",
     ]
     if summary.errors_by_type:
