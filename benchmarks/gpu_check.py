@@ -89,12 +89,34 @@ def check_device_decode(ckpt: str, jpegs: list[bytes], device: str) -> dict:
         std = torch.tensor(_std(pre)).view(1, -1, 1, 1)  # per channel: back to 8-bit levels
         levels = (decoded.cpu() - expected).abs() * 255 * std
         return {"refused": len(refused), "mean_level_diff": float(levels.mean()),
-                "max_level_diff": float(levels.max()), **_agreement(fp32.score(decoded), cpu),
+                "max_level_diff": float(levels.max()), "broken": _broken_one(jpegs, pre, dev, decoded),
+                **_agreement(fp32.score(decoded), cpu),
                 "img_per_s": _decode_rate(jpegs, pre, dev), "two_threads": _two_threads(jpegs, pre, fp32, dev),
                 "overlap": _overlap(jpegs, pre, Scorer(ref, device=device, dtype="bf16"), dev)}
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON
         logger.exception("device decode failed")
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _broken_one(jpegs: list[bytes], pre, dev, decoded) -> dict:
+    """A JPEG whose headers read and whose Huffman table is garbage, among the good ones.
+
+    The device path's refusals (the batched call failing, one-by-one decoding, PIL taking
+    the rest: a corrupt_image row) had run only on the CPU's libjpeg-turbo; whether nvJPEG
+    refuses such a file or decodes junk from it is what this records. ``refused`` should be
+    the broken one's index alone, and the others' pixels those of the clean batch.
+    """
+    import torch
+
+    from deit_model import jpegs_to_model_input
+
+    b = bytearray(jpegs[0])  # as tests/test_device_decode.py's bad_huffman
+    i = b.index(b"\xff\xc4")
+    b[i + 4:i + 20] = b"\xff" * 16
+    at = len(jpegs) // 2
+    mixed, refused = jpegs_to_model_input([*jpegs[:at], bytes(b), *jpegs[at:]], pre, dev)
+    others_equal = mixed is not None and mixed.shape[0] == len(jpegs) and bool(torch.equal(mixed.cpu(), decoded.cpu()))
+    return {"refused": refused, "expected": [at], "others_equal": others_equal}
 
 
 @functools.lru_cache(maxsize=None)

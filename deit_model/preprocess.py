@@ -61,10 +61,10 @@ class Preprocessor:
             return self._value_steps(x)
         tables, key = self.__dict__.setdefault("_tables", {}), (x.device, x.shape[1])
         if key not in tables:  # per device; GPU actors build theirs before their call threads start
-            offsets = torch.arange(x.shape[1], dtype=torch.int32).view(1, -1, 1, 1) * 256  # each channel's row
+            offsets = torch.arange(x.shape[1], dtype=torch.int64).view(1, -1, 1, 1) * 256  # each channel's row
             tables[key] = _value_table(self, x.shape[1]).to(x.device), offsets.to(x.device)
         table, offsets = tables[key]
-        return table[x.to(torch.int32).add_(offsets)]
+        return table[x.to(torch.int64).add_(offsets)]  # int64: indexing would convert an int32 index again
 
     def _value_steps(self, x):
         """The library's value steps (rescale, normalise) on a uint8 CPU tensor (N, C, H, W)."""

@@ -353,6 +353,7 @@ def test_gpu_check_compares_a_device_with_the_cpu(tiny_checkpoint):
     dev = out["device_decode"]
     assert dev["refused"] == 0 and dev["max_level_diff"] == 0 and dev["top1_agree"] == 1 and dev["img_per_s"] > 0
     assert dev["two_threads"]["label_agree"] == 1 and dev["two_threads"]["max_score_diff"] < 1e-6
+    assert dev["broken"] == {"refused": [1], "expected": [1], "others_equal": True}  # among the good ones
     lap = dev["overlap"]  # each alone, then both at once: rates, and the bound of one against the other
     assert min(lap["decode_alone"], lap["forward_alone"], lap["decode_together"], lap["forward_together"]) > 0
     assert lap["serial"] < min(lap["decode_alone"], lap["forward_alone"])
