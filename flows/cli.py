@@ -225,14 +225,12 @@ def _run_flow(params: dict) -> int:
         _stop_early_work(interrupted)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
-        if isinstance(error, ErrorThresholdExceeded):
+        # too many failures, or a refusal (a resume with other options, a changed checkpoint, an
+        # unknown --only-failed run), says what to do instead, in the options' spelling; anything
+        # else may pass on a resume
+        if isinstance(error, (ErrorThresholdExceeded, RunRefused)):
             print(f"score-images: run {settings.run_id} failed: {name_fields(str(error), flag)}", file=sys.stderr)
-            return EXIT_TOO_MANY_ERRORS
-        # a refusal (a resume with other options, a changed checkpoint, an unknown --only-failed
-        # run) says what to do instead, in the options' spelling; anything else may pass on a resume
-        if isinstance(error, RunRefused):
-            print(f"score-images: run {settings.run_id} failed: {name_fields(str(error), flag)}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_TOO_MANY_ERRORS if isinstance(error, ErrorThresholdExceeded) else EXIT_FAILED
         first_line = (state.message or "unknown error").strip().splitlines()[0]
         print(f"score-images: run {settings.run_id} failed: {first_line} (details in the log above; {resume})",
               file=sys.stderr)

@@ -115,16 +115,20 @@ def check_embedding_width(runs: list[RunSummary], model: str, revision: str | No
         return
 
 
-def failed_uris(output: str, model: str, which: str, storage_options: dict | None = None) -> set[str]:
-    """URIs that failed in run ``which``, or (``which == "any"``) whose latest result is an error."""
-    runs = committed_runs(output, storage_options, model)
+def failed_uris(runs: list[RunSummary], output: str, model: str, which: str,
+                storage_options: dict | None = None) -> set[str]:
+    """URIs that failed in run ``which``, or (``which == "any"``) whose latest result is an error.
+
+    ``runs`` are the output's committed runs (:func:`committed_runs`, which the planning has read).
+    """
+    runs = [r for r in runs if r.model == model]
     if which != "any":
         runs = [r for r in runs if r.run_id == which]
         if not runs:
             raise RunRefused(f"no committed run {which!r} of model {model!r} under {output}")
         errors = read_files(committed_files(runs, "errors"), ["uri"], storage_options)
         return set(errors["uri"].to_pylist()) if errors is not None else set()
-    newest = latest(output, storage_options, model)
+    newest = _newest(runs, storage_options)
     return set(newest.filter(pc.equal(newest["status"], "failed"))["uri"].to_pylist())
 
 
@@ -134,7 +138,11 @@ def latest(output: str, storage_options: dict | None = None, model: str | None =
     "Newest" is by commit order, so reprocessing a URI replaces its row here
     without rewriting the partitions that hold the older one.
     """
-    runs = committed_runs(output, storage_options, model)
+    return _newest(committed_runs(output, storage_options, model), storage_options)
+
+
+def _newest(runs: list[RunSummary], storage_options: dict | None) -> pa.Table:
+    """:func:`latest` over committed ``runs``, oldest commit first."""
     order = {r.run_id: i for i, r in enumerate(runs)}
     parts = []
     for table, status, at in (("predictions", "scored", "scored_at"), ("errors", "failed", "failed_at")):

@@ -164,7 +164,7 @@ def plan_run(settings: ScoreSettings, run: RunInfo, model: str, revision: str | 
     counts = PlanCounts(listed=listing.num_rows)
     known = None  # URIs with an earlier successful prediction: what "changed" means
     if settings.only_failed:
-        wanted = failed_uris(settings.output, model, settings.only_failed, settings.storage_options)
+        wanted = failed_uris(runs, settings.output, model, settings.only_failed, settings.storage_options)
         plan = listing.filter(pc.is_in(listing["uri"], pa.array(sorted(wanted), pa.string())))
     elif settings.force:
         plan = listing

@@ -12,27 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.cli import EXIT_OK, EXIT_TOO_MANY_ERRORS, main
+from flows.cli import EXIT_OK, EXIT_TOO_MANY_ERRORS
 from tasks.settings import ScoreSettings
 
-# as tests/test_runs.py: one actor that decodes its own images, no decode workers
-FAST = dict(top_k=3, batch_size=4, num_actors=1, cpus_per_actor=0.5, decode_cpus=0.0)
+from .test_cli import _run as _cli_run
+from .test_runs import FAST, _ok  # one actor that decodes its own images, no decode workers
+
 FAST_ARGV = ["--top-k", "3", "--batch-size", "4", "--num-actors", "1", "--cpus-per-actor", "0.5",
              "--decode-cpus", "0"]
-
-
-def _cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _ok(**params):
-    from flows.score_images import score_images
-
-    state = score_images(**params, return_state=True)
-    assert state.is_completed(), state.message
-    return state.result()
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +42,14 @@ def committed(tmp_path_factory, ray_cluster, prefect_harness, tiny_checkpoint, p
 @pytest.mark.slow
 def test_runs_lists_runs_with_counts_and_prints_one_manifest(capsys, committed):
     src, out, summary = committed
-    code, stdout, _ = _cli(capsys, "runs", "--output", str(out))
+    code, stdout, _ = _cli_run(capsys, "runs", "--output", str(out))
     assert code == EXIT_OK
     header, *rows = stdout.strip().splitlines()
     assert header.split() == ["run_id", "status", "started_at", "listed", "scored", "failed", "model"]
     (row,) = [r for r in rows if r.split()[0] == "nightly-1"]
     assert row.split() == ["nightly-1", "committed", summary.started_at, "4", "2", "2", summary.model]
 
-    code, stdout, _ = _cli(capsys, "runs", "--output", str(out), "--run-id", "nightly-1")
+    code, stdout, _ = _cli_run(capsys, "runs", "--output", str(out), "--run-id", "nightly-1")
     assert code == EXIT_OK
     record = json.loads(stdout)
     assert record["run_id"] == "nightly-1" and record["status"] == "committed"
@@ -228,7 +215,7 @@ def test_too_many_failed_images_exit_3_with_one_error_line(capsys, ray_cluster, 
     src.mkdir()
     for i in range(3):
         (src / f"empty{i}.jpg").write_bytes(b"")
-    code, stdout, err = _cli(capsys, "run", "--input", str(src), "--output", str(out), "--model",
+    code, stdout, err = _cli_run(capsys, "run", "--input", str(src), "--output", str(out), "--model",
                              str(tiny_checkpoint), "--run-id", "too-many", "--max-failed", "0", *FAST_ARGV)
     assert code == EXIT_TOO_MANY_ERRORS == 3
     (line,) = [line for line in err.splitlines() if line.startswith("score-images:")]
