@@ -125,7 +125,8 @@ def measure(images: int, batch_size: int, out_dir: str) -> dict:
     plan, ref = plan_table(images), CheckpointRef("replayed", out_dir, "replayed", "replayed")
     try:
         actor_cpu, cpu, start = ray.get(pool.actors[0].cpu_seconds.remote()), time.process_time(), time.perf_counter()
-        stream_plan(settings, plan, ref, pool, writer, "bench", Placement("cpu", 0.0, 1.0), None, 0, None)
+        stream_plan(settings, plan, ref, pool, writer, "bench", Placement("cpu", 0.0, 1.0, batch_size=batch_size), None, 0,
+                    None)
         result = writer.close()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         actor_cpu = ray.get(pool.actors[0].cpu_seconds.remote()) - actor_cpu

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import images
+from tasks.placement import default_batch_size
 
 STAGES = ("ceiling", "ours", "baseline", "peer")
 
@@ -24,6 +25,8 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     cfg = p.parse_args(argv)
     if cfg.s3_latency_ms and (cfg.source != "s3" or cfg.s3_latency_ms < 0):
         p.error("--s3-latency-ms is a wait of 0 ms or more, and only with --source s3")
+    if cfg.batch_size is None:
+        cfg.batch_size = default_batch_size(cfg.device == "cuda")
     if cfg.batch_size not in cfg.batch_sizes:
         cfg.batch_sizes.append(cfg.batch_size)
     default_layout(cfg, os.cpu_count() or 1)
@@ -65,7 +68,9 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
 def _add_layout(p: argparse.ArgumentParser) -> None:
     """How the stages run: batch sizes, actors, CPUs and decode."""
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64], help="ceiling batch sizes")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size of the end-to-end stages")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size of the end-to-end stages; default: the product's for the device (16 on cpu, "
+                        "128 on cuda)")
     p.add_argument("--num-actors", type=int, default=None,
                    help="default: 1 on cuda; one per core on cpu (one 1-thread model per core)")
     p.add_argument("--cpus-per-actor", type=float, default=None,

@@ -90,8 +90,8 @@ def run_demo(output: str = "demo-output", num_images: int = 24) -> int:
     elif (held := len(list(images.glob("sample-*")))) != num_images:
         logger.warning("%s already holds %d sample images; scoring those (--num-images applies to a new "
                        "--output)", images, held)
-    # the layout left to the run: one actor per core, each decoding its own images, on any machine
-    params = {"input": str(images), "output": str(out), "model": demo_model(), "batch_size": 8}
+    # the layout and batch size left to the run: one actor per core, each decoding its own images, on any machine
+    params = {"input": str(images), "output": str(out), "model": demo_model()}
     code = run_flow(params)
     if code == 0:
         _show(out)

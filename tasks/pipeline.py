@@ -91,12 +91,12 @@ def stream_plan(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, poo
     decode_cpus = placement.decode_cpus
     window = window_for(decode_cpus, placement.spare_cpus, placement.num_actors, pool.spec.concurrency)
     logger.info("scoring %d images in batches of %d on %d actors (%s), %s, up to %d batches in flight per actor",
-                plan.num_rows, settings.batch_size, placement.num_actors, placement.device,
+                plan.num_rows, placement.batch_size, placement.num_actors, placement.device,
                 f"decode tasks of {decode_cpus:g} CPU" if decode_cpus else "decoding in the actors", window)
     progress = _Progress(plan.num_rows, settings.progress_seconds, on_progress)
     planned = planned or plan.num_rows
     limit = failure_limit(settings, planned)
-    for table in pool.imap(plan_batches(plan, settings.batch_size), context, window, decode_cpus):
+    for table in pool.imap(plan_batches(plan, placement.batch_size), context, window, decode_cpus):
         writer.write(table)
         progress.update(writer.result)
         if limit is not None and failed_before + writer.result.failed > limit:

@@ -37,7 +37,9 @@ class ScoreSettings(BaseModel):
                        json_schema_extra=_NOT_BLANK)
     revision: Optional[str] = Field(None, description="hub revision (branch, tag or commit) of the model")
     top_k: int = Field(5, ge=1, le=1000, description="how many labels to keep per image")
-    batch_size: int = Field(32, ge=1, le=4096, description="images per model forward pass")
+    batch_size: Optional[int] = Field(
+        None, ge=1, le=4096, description="images per model forward pass; unset: 128 with GPU actors, 16 without "
+                                         "(the fastest measured, docs/benchmarks.md)")
     num_actors: Optional[int] = Field(
         None, ge=1, le=1024, description="scoring actors, each holding one model copy; unset: one per GPU "
                                          "(--gpus-per-actor each) on a cluster with GPUs, else one per "

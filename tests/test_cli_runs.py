@@ -45,6 +45,7 @@ def test_demo_command_offline(session_tmp, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RANDOMLY INITIALISED" in proc.stdout and "labels mean nothing" in proc.stdout
     assert "the dataset holds 4 predictions and 3 errors" in proc.stdout
+    assert "in batches of 16 on " in proc.stderr  # --batch-size unset: the size for CPU actors (tasks/placement.py)
     preds = ds.dataset(tmp_path / "demo" / "predictions", partitioning="hive").to_table()
     assert preds.num_rows == 4 and preds.schema.field("embedding").type.list_size == 768
     assert set(preds["model"].to_pylist()) == {"random-facebook--deit-base-distilled-patch16-224"}

@@ -145,6 +145,17 @@ def test_placement_fills_the_cluster_where_the_layout_is_unset(kw, cpus, gpus, e
     assert (p.device, p.num_actors, p.decode_cpus, p.spare_cpus) == expected
 
 
+@pytest.mark.parametrize("kw, gpus, expected", [
+    ({}, 0, 16),  # unset: the fastest measured for 1-thread CPU actors
+    ({}, 1, 128),  # and for GPU actors
+    (dict(device="cpu"), 1, 16),  # GPUs it was told not to use: CPU actors' size
+    (dict(batch_size=32), 0, 32),  # what is set is kept
+    (dict(batch_size=7), 1, 7),
+])
+def test_batch_size_unset_is_chosen_for_the_actors_device(kw, gpus, expected):
+    assert plan_placement(_settings(**kw), cpus=16, gpus=gpus).batch_size == expected
+
+
 def test_layout_for_gpus_that_have_not_joined_yet_asks_for_one_gpu_actor():
     """device=cuda on a cluster scaled to zero: what the autoscaler is asked for, not one actor per CPU."""
     from tasks.placement import resolve_layout
