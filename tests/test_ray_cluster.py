@@ -116,17 +116,28 @@ def test_a_signal_handlers_exception_comes_out_of_ray_wait_as_itself(ray_cluster
     def slow() -> None:
         time.sleep(60)
 
-    ref = slow.remote()
-    previous = signal.signal(signal.SIGTERM, handler)
-    # SIGTERM as the main thread's handler sees it, without the OS choosing a thread: in one full
-    # run of the suite an os.kill'ed SIGTERM never reached the handler while ray.wait blocked
-    timer = threading.Timer(1.0, _thread.interrupt_main, (signal.SIGTERM,))
-    try:
-        timer.start()
-        with pytest.raises(Stopped):
+    def deliver() -> BaseException | None:
+        """What one SIGTERM during ray.wait comes out as: the handler's exception, another, or None."""
+        ref = slow.remote()
+        previous = signal.signal(signal.SIGTERM, handler)
+        # SIGTERM as the main thread's handler sees it, without the OS choosing a thread
+        timer = threading.Timer(1.0, _thread.interrupt_main, (signal.SIGTERM,))
+        try:
+            timer.start()
             with signals_unwrapped():
-                ray.wait([ref], num_returns=1, timeout=30)
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGTERM, previous)
-        ray.cancel(ref, force=True)
+                ray.wait([ref], num_returns=1, timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - the subject of the test
+            return exc
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGTERM, previous)
+            ray.cancel(ref, force=True)
+        return None
+
+    # Ray loses one such signal now and then: in two full runs of the suite the wait ran to its
+    # timeout with neither exception (with os.kill, and then with interrupt_main), never in 40 in a
+    # row alone. What is ours to check: a signal that arrives comes out as the handler's exception
+    outcomes = []
+    while len(outcomes) < 3 and not any(outcomes):
+        outcomes.append(deliver())
+    assert isinstance(outcomes[-1], Stopped), outcomes
