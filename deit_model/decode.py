@@ -27,6 +27,7 @@ EMPTY = "empty_object"
 NOT_AN_IMAGE = "not_an_image"
 CORRUPT = "corrupt_image"
 TOO_LARGE = "too_many_pixels"
+TOO_MANY_BYTES = "too_many_bytes"  # larger as listed than the run's byte limit: not read at all
 READ_ERROR = "read_error"
 NOT_FOUND = "not_found"
 PREPROCESS_ERROR = "preprocess_error"  # raised by the checkpoint's preprocessing, not by decoding

@@ -18,9 +18,10 @@ import numpy as np
 from deit_model import DecodeError, Preprocessor, decode_image, keep_freed_memory
 from deit_model import cpu_jpeg
 from deit_model import decode as image_decode
-from deit_model.decode import NOT_FOUND, PREPROCESS_ERROR, READ_ERROR, TOO_LARGE, device_jpeg_size
+from deit_model.decode import PREPROCESS_ERROR, TOO_LARGE, device_jpeg_size
 
 from . import storage
+from .batch_reads import in_order, read_error_type, refused
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ DECODE_TASK_MEMORY = 1024**3  # bytes per decode task: ~600 MiB is the worker wi
 def decode_batch(
     batch: dict[str, np.ndarray], *, preprocessor: Preprocessor, max_pixels: int, fast_decode: bool,
     storage_options: dict[str, Any], uint8: bool = False, device_jpeg: bool = False,
-    datas: list[bytes | OSError] | None = None,
+    datas: list[bytes | OSError] | None = None, max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Add ``decoded``, ``pixel_values``, ``error_type`` and ``error_message`` to a plan batch.
 
@@ -44,7 +45,8 @@ def decode_batch(
     by which the device decodes them in chunks), and a per-row object column
     ``pixels`` (the others' uint8 pixels) replace ``pixel_values``, and
     :func:`device_model_input` finishes them on the scorer's device. ``datas``: the rows'
-    bytes, already read by :func:`read_batch`; else they are read here.
+    bytes, already read by :func:`read_batch`; else they are read here, all but those whose
+    listed ``source_size`` is over ``max_bytes``.
     """
     if device_jpeg and not preprocessor.splits_exactly():
         _warn_once("--device-decode needs the preprocessing in two exact halves, and this checkpoint's "
@@ -55,8 +57,10 @@ def decode_batch(
     uris = [str(u) for u in batch["uri"]]
     errors: list[tuple[str, str] | None] = [None] * len(uris)
     jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}
-    with storage.ReadStream(uris, storage_options) if datas is None else contextlib.nullcontext(datas) as stream:
-        on_cpu = _sort(stream, errors, jpeg, preprocessor, max_pixels, device_jpeg)
+    skip = refused(batch, max_bytes) if datas is None else {}
+    to_read = [u for i, u in enumerate(uris) if i not in skip]
+    with storage.ReadStream(to_read, storage_options) if datas is None else contextlib.nullcontext(datas) as stream:
+        on_cpu = _sort(in_order(stream, skip, len(uris)), errors, jpeg, preprocessor, max_pixels, device_jpeg)
         rows, dense = decode_on_cpu(on_cpu, errors, preprocessor, half, max_pixels, draft_side)
     out = dict(batch)
     n = len(uris)
@@ -86,8 +90,7 @@ def _sort(datas: Iterable[bytes | OSError], errors: list, jpeg: dict, preprocess
     fits = _fits(preprocessor, max_pixels)
     for i, data in enumerate(datas):
         if isinstance(data, OSError):
-            kind = NOT_FOUND if isinstance(data, FileNotFoundError) else READ_ERROR
-            errors[i] = (kind, str(data))
+            errors[i] = (read_error_type(data), str(data))
         elif device_jpeg and (size := device_jpeg_size(data, max_pixels, fits=fits)):
             jpeg[i] = (data, size)
         else:
@@ -193,10 +196,6 @@ def resize_overflow(size: tuple[int, int], preprocessor: Preprocessor, max_pixel
     return (f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels before the crop, "
             f"over the limit of {max_pixels}")
 
-
-def read_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any]) -> list[bytes | OSError]:
-    """Each row's bytes, or the error that reading it raised, for :func:`decode_batch`'s ``datas``."""
-    return storage.read_uris([str(u) for u in batch["uri"]], storage_options)
 
 
 def _preprocess(images: list, rows: list[int], preprocess, errors: list, shape: tuple, dtype) -> np.ndarray:

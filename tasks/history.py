@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from deit_model.decode import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_LARGE
+from deit_model.decode import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_LARGE, TOO_MANY_BYTES
 
 from . import storage
 from .plan import RunRefused
@@ -56,11 +56,12 @@ def version_key(table: pa.Table) -> pa.Array:
 
 _VERSION_COLUMNS = ["uri", "source_size", "source_etag", "source_mtime"]
 
-# Error types that the same bytes give again (decoding is deterministic): an incremental run does
-# not retry them until the object changes; --only-failed does. A read error, an object missing
-# when read, a process that died, and preprocess_error (which is whatever the checkpoint's
-# preprocessing raised, a MemoryError included) may pass, so those are retried.
-LASTING_ERRORS = (EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE)
+# Error types that the same bytes give again (decoding is deterministic; an object's listed size is
+# part of its version): an incremental run does not retry them until the object changes;
+# --only-failed does. A read error, an object missing when read, a process that died, and
+# preprocess_error (which is whatever the checkpoint's preprocessing raised, a MemoryError
+# included) may pass, so those are retried.
+LASTING_ERRORS = (EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE, TOO_MANY_BYTES)
 
 
 def scored_versions(runs: list[RunSummary], revision: str | None, storage_options: dict | None = None) -> pa.Table:

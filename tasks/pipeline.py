@@ -85,8 +85,9 @@ def run_pipeline(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef,
 def stream_plan(settings: ScoreSettings, plan: pa.Table, ref: CheckpointRef, pool: ScorerPool, writer: DatasetWriter,
                 run_id: str, placement: Placement, planned: int | None, failed_before: int, on_progress) -> None:
     """Stream the plan's batches through the pool's actors into ``writer``."""
-    decode = {"max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode,
-              "device_jpeg": settings.device_decode, "storage_options": settings.storage_options}
+    decode = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_bytes,
+              "fast_decode": settings.fast_decode, "device_jpeg": settings.device_decode,
+              "storage_options": settings.storage_options}
     context = BatchContext(run_id, ref.name, writer.spec, decode, model_revision=ref.revision)
     decode_cpus = placement.decode_cpus
     window = window_for(decode_cpus, placement.spare_cpus, placement.num_actors, pool.spec.concurrency)

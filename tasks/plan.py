@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # parameters that define what a run computes: a resume must not change them
 IDENTITY = ("input", "output", "model", "revision", "top_k", "token_features", "embedding_dtype",
             "fast_decode", "device_decode", "force", "only_failed", "include", "exclude", "modified_after",
-            "modified_before", "limit", "dtype", "max_pixels")
+            "modified_before", "limit", "dtype", "max_pixels", "max_bytes")
 
 
 @dataclass(frozen=True)

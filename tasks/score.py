@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from .decode import decode_batch, read_batch
+from .batch_reads import read_batch
+from .decode import decode_batch
 from .device_jpeg import device_model_input
 from .plan import CheckpointChanged
 from .schema import ERROR_COLUMNS, OutputSpec, scored_schema
@@ -98,7 +99,8 @@ class ScoringActor:
         if schema is None:  # one per run's output spec, built once
             schema = self._schemas[spec] = scored_schema(spec)
         # read on the call's own thread: this call waits for storage while another one works
-        datas = read_batch(batch, context.decode["storage_options"]) if context.decode is not None else None
+        decode = context.decode
+        datas = read_batch(batch, decode["storage_options"], decode.get("max_bytes")) if decode is not None else None
         work = functools.partial(self._decode_and_score, batch, context, datas)
         batch, cols = work() if self._cpu_worker is None else self._cpu_worker.submit(work).result()
         if self._profiler is not None:

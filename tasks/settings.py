@@ -90,6 +90,9 @@ class ScoreSettings(BaseModel):
         False, description="decode plain JPEGs on the scoring device (nvJPEG on a GPU) instead of with PIL on CPU "
                            "workers; for GPUs that CPU decoding cannot keep busy; changes pixels slightly")
     max_pixels: int = Field(178_956_970, ge=1, description="images with more pixels are rejected as too large")
+    max_bytes: int = Field(
+        2**30, ge=1, description="objects larger than this many bytes (as listed) are not read: they become "
+                                 "too_many_bytes error rows")
     rows_per_file: int = Field(50_000, ge=1, description="rows per Parquet file before a new file is started")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,

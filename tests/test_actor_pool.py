@@ -158,10 +158,10 @@ def test_a_cpu_actor_reads_one_batch_while_it_decodes_and_scores_another_never_t
     first_inside, second_read, inside, most, workers = threading.Event(), threading.Event(), [0], [0], set()
     real_read, real_decode = score.read_batch, score.decode_batch
 
-    def read(batch, options):
+    def read(batch, options, max_bytes):
         if batch["uri"][0] == plan["uri"][4].as_py():  # the second batch
             second_read.set()
-        return real_read(batch, options)
+        return real_read(batch, options, max_bytes)
 
     def decode_batch(batch, **kw):
         workers.add(threading.get_ident())

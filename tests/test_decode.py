@@ -307,6 +307,7 @@ def test_a_batch_decodes_its_first_objects_while_the_rest_are_read(tiny_checkpoi
     import tasks.decode as td
     from deit_model import load_preprocessor
     from tasks import storage
+    from tasks.batch_reads import read_batch
 
     uris = [str(p) for p in sorted(photos.iterdir())]
     uris.insert(2, str(tmp_path / "missing.jpg"))
@@ -314,7 +315,7 @@ def test_a_batch_decodes_its_first_objects_while_the_rest_are_read(tiny_checkpoi
     pre = load_preprocessor(str(tiny_checkpoint))
     kw = {"preprocessor": pre, "max_pixels": 10**9, "fast_decode": False, "storage_options": {},
           "device_jpeg": device_jpeg}
-    whole = td.decode_batch(batch, datas=td.read_batch(batch, {}), **kw)
+    whole = td.decode_batch(batch, datas=read_batch(batch, {}), **kw)
     monkeypatch.setattr(storage, "READ_CHUNK", 2)
     first_decoded, last_read = threading.Event(), []
     real_read, real_sort = storage.read_uris, td._sort
@@ -342,3 +343,34 @@ def test_a_batch_decodes_its_first_objects_while_the_rest_are_read(tiny_checkpoi
             for a, b in zip(streamed[key], whole[key]):
                 assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b, key
     assert streamed["error_type"][2] == "not_found" and not streamed["decoded"][2]
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_an_object_over_the_byte_limit_is_an_error_row_and_is_not_read(tiny_checkpoint, photos, tmp_path,
+                                                                       read_first):
+    """A file of many GB with an image's name would be read whole before any image check: over
+    --max-bytes as listed it is refused unread, on both read paths (the decode task's stream, and
+    the CPU actor's read ahead). A missing file stands in for it: read, it would be not_found."""
+    import os
+
+    import tasks.decode as td
+    from deit_model import load_preprocessor
+    from tasks.batch_reads import read_batch
+
+    uris = [str(p) for p in sorted(photos.iterdir())][:3]
+    uris.insert(1, str(tmp_path / "huge.jpg"))
+    sizes = np.array([os.path.getsize(u) if os.path.exists(u) else 5 * 2**30 for u in uris], dtype=float)
+    sizes[2] = np.nan  # a size the listing did not give (a manifest without sizes): read
+    batch = {"uri": np.array(uris, dtype=object), "source_size": sizes}
+    kw = dict(preprocessor=load_preprocessor(str(tiny_checkpoint)), max_pixels=10**9, fast_decode=False,
+              storage_options={})
+    datas = read_batch(batch, {}, 2**30) if read_first else None
+    out = td.decode_batch(batch, datas=datas, max_bytes=2**30, **kw)
+    assert list(out["decoded"]) == [True, False, True, True], out["error_message"]
+    assert out["error_type"][1] == d.TOO_MANY_BYTES
+    assert out["error_message"][1] == ("5,368,709,120 bytes as listed, over the limit of 1,073,741,824 "
+                                       "(--max-bytes); not read")
+    smallest = int(np.nanmin(sizes))  # the limit is the listed size's: one byte under it refuses that image
+    tight = td.decode_batch(batch, max_bytes=smallest - 1, **kw)
+    assert list(tight["error_type"] == d.TOO_MANY_BYTES) == list((sizes > smallest - 1))
+    assert td.decode_batch(batch, max_bytes=None, **kw)["error_type"][1] == "not_found"  # no limit: read

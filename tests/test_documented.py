@@ -1,5 +1,6 @@
 """Documented behaviours that had no test: exit 3, `runs`, --fast-decode, --only-failed, fp16 on
-CPU, and object stores' listing cache (README "Exit codes", docs/models.md, docs/runs.md)."""
+CPU, object stores' listing cache and --max-bytes (README "Exit codes", docs/models.md,
+docs/runs.md, docs/output.md)."""
 from __future__ import annotations
 
 import io
@@ -202,6 +203,24 @@ def test_object_store_listings_are_fresh_unless_the_cache_is_asked_for(s3fs_clie
         s3fs_client.pipe(f"{s3_bucket}/{prefix}/b.jpg", buf.getvalue())  # added by another writer
         assert _listed(uri, options) == second, prefix
         assert filesystem(uri, options)[0].dircache.use_listings_cache is (prefix == "cached")
+
+
+# 7. --max-bytes: an object larger as listed is an error row, not read, and the run goes on
+
+def test_objects_over_max_bytes_become_error_rows_and_the_rest_is_scored(committed, tiny_checkpoint, tmp_path):
+    src, _, _ = committed
+    limit = (src / "chelsea.png").stat().st_size - 1
+    assert (src / "china.jpg").stat().st_size <= limit  # the other photo is under it
+    summary = _ok(input=str(src), output=str(tmp_path / "out"), model=str(tiny_checkpoint), max_bytes=limit, **FAST)
+    assert (summary.scored, summary.failed) == (1, 3)
+    errors = ds.dataset(tmp_path / "out" / "errors", partitioning="hive").to_table().to_pylist()
+    (row,) = [r for r in errors if r["uri"].endswith("/chelsea.png")]
+    assert row["error_type"] == "too_many_bytes" and f"over the limit of {limit:,}" in row["error_message"]
+    out = str(tmp_path / "out")
+    again = _ok(input=str(src), output=out, model=str(tiny_checkpoint), max_bytes=limit, **FAST)
+    assert (again.to_score, again.failed_before) == (0, 3)  # lasting, as too_many_pixels: not retried nightly
+    raised = _ok(input=str(src), output=out, model=str(tiny_checkpoint), only_failed="any", **FAST)
+    assert (raised.scored, raised.failed) == (1, 2)  # the documented way back: the limit raised, --only-failed
 
 
 # 1. README "Exit codes": 3 when more images fail than --max-failed allows. Last in this module: `run`
