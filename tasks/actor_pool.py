@@ -14,7 +14,6 @@ takes that task's result, so decoding runs on other CPUs while actors score.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import crashes
+from .actor_watch import SIGNAL_EVERY_S, ActorWatch
 from .decode import decode_task_for
 from .score import BatchContext, ScoringActor
 
@@ -42,12 +42,6 @@ GPU_CONCURRENCY = 2
 # time (on ScoringActor's one CPU-work thread): the other call reads its batch meanwhile, so the core does not
 # wait for storage (one round trip per batch, tens of ms on S3). Fed by decode tasks, it runs one.
 READ_AHEAD_CONCURRENCY = 2
-# While the driver waits for results, an actor that stays down this long (restarting, or waiting
-# for a GPU that a lost node took with it) fails the run instead of hanging it; so does one
-# that restarts this many times without a result coming back (a process dying as it starts).
-ACTOR_DOWN_LIMIT_S = 600.0
-ACTOR_RESTART_LIMIT = 10
-_WATCH_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -193,32 +187,22 @@ class ScorerPool:
         return call
 
     def _wait(self, refs: list) -> list:
-        """``ray.wait`` for one of ``refs``, watching the actors: one down too long fails the run.
+        """``ray.wait`` for one of ``refs`` in short waits, watching the actors (tasks/actor_watch.py).
 
-        Without the watch, a call to an actor that never comes back (its restart waits for a GPU
-        that a lost node took with it, or its process dies as it starts) waited for ever.
+        Short, so that a signal Ray leaves for later is handled within SIGNAL_EVERY_S; a
+        handler's exception that Ray wraps comes out as itself (``signals_unwrapped``).
         """
         import ray
 
         from .ray_cluster import signals_unwrapped
 
-        first: dict[int, tuple[float, int]] = {}  # actor index -> (when first seen down, its restarts)
+        watch = ActorWatch(self.actors)
         while True:
             with signals_unwrapped():
-                ready, _ = ray.wait(refs, num_returns=1, timeout=_WATCH_EVERY_S)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=SIGNAL_EVERY_S)
             if ready:
                 return ready
-            now = time.monotonic()
-            for i, (state, restarts) in enumerate(actor_states(self.actors)):
-                if state in (None, "ALIVE"):
-                    first.pop(i, None)
-                    continue
-                since, restarts_then = first.setdefault(i, (now, restarts))
-                if now - since > ACTOR_DOWN_LIMIT_S or restarts - restarts_then >= ACTOR_RESTART_LIMIT:
-                    raise crashes.ScoringProcessDied(
-                        f"scoring actor {i} has been {state} for {now - since:.0f} s and restarted "
-                        f"{restarts - restarts_then} times meanwhile: its process dies as it starts, or the "
-                        "resources it needs are gone (a lost node); fix that and rerun the run's id")
+            watch.check()
 
     def _wait_up(self, actor, timeout: float = 300.0) -> None:
         """Return once ``actor`` answers (it may be restarting after a death)."""
@@ -248,43 +232,6 @@ class ScorerPool:
             for actor in self.actors:
                 ray.kill(actor)
         self.actors = []
-
-
-def actor_states(actors: list) -> list[tuple[str | None, int]]:
-    """(state, restarts) of each actor as Ray's control store has them; (None, 0) where it cannot say.
-
-    Asked from a task with no CPU, inside the cluster: a driver connected through Ray Client
-    (``ray://``, as the Kubernetes work pool's runs are) has no control-store client of its
-    own, and the call made there only raised (tasks/placement.py asks the autoscaler so too).
-    """
-    import ray
-
-    ids = [actor._actor_id.hex() for actor in actors]
-    try:
-        return [tuple(s) for s in ray.get(_states_task().remote(ids), timeout=_WATCH_EVERY_S)]
-    except Exception:  # noqa: BLE001 - a wedged cluster or another Ray: the watch only stays blind
-        logger.debug("pool: the actors' states could not be read", exc_info=True)
-        return [(None, 0)] * len(ids)
-
-
-def _actor_states_in_cluster(ids: list[str]) -> list[tuple[str | None, int]]:
-    import ray._private.state as ray_state  # no public call without the dashboard, which is off
-
-    states = []
-    for actor_id in ids:
-        try:
-            info = ray_state.actors(actor_id=actor_id)
-            states.append((info.get("State"), int(info.get("NumRestarts") or 0)))
-        except Exception:  # noqa: BLE001 - an actor Ray no longer knows
-            states.append((None, 0))
-    return states
-
-
-@functools.lru_cache(maxsize=None)
-def _states_task():
-    import ray
-
-    return ray.remote(num_cpus=0, max_retries=1)(_actor_states_in_cluster)
 
 
 def plan_batches(plan: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

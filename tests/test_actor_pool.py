@@ -393,12 +393,12 @@ def test_an_actor_that_cannot_come_back_fails_the_run_instead_of_hanging(ray_clu
     """Ray restarts it for ever and holds its calls meanwhile: the driver's wait once did too."""
     import ray
 
-    from tasks import actor_pool, crashes
+    from tasks import actor_pool, actor_watch, crashes
     from tasks.score import BatchContext
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(actor_pool, "_WATCH_EVERY_S", 1.0)
-    monkeypatch.setattr(actor_pool, "ACTOR_RESTART_LIMIT", 2)
+    monkeypatch.setattr(actor_watch, "WATCH_EVERY_S", 1.0)
+    monkeypatch.setattr(actor_watch, "ACTOR_RESTART_LIMIT", 2)
     spec = actor_pool.PoolSpec(str(tmp_path / "dead"), None, "cpu", "fp32", 3, "{}", 1, 0.5, 0.0)
     pool = actor_pool.ScorerPool(spec, actor_cls=_DiesAsItRestarts)
     plan = pa.table({"uri": ["file:///a.jpg"], "source_size": [1], "source_etag": ["e"], "source_mtime": [None]},

@@ -134,7 +134,7 @@ def test_flow_joins_a_cluster_by_address_and_scores_on_the_worker_node(two_node_
 
 _STATES = """
 import sys, ray
-from tasks.actor_pool import actor_states
+from tasks.actor_watch import actor_states
 ray.init(address=sys.argv[1], logging_level="ERROR")
 actor = ray.remote(num_cpus=0)(type("Idle", (), {"ping": lambda self: 1})).remote()
 ray.get(actor.ping.remote())
