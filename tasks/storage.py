@@ -7,8 +7,10 @@ code handles one family of exceptions, as s3fs does for S3.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import posixpath
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -218,10 +220,12 @@ READ_CHUNK, READ_AHEAD = 32, 2
 
 
 class ReadStream:
-    """A batch's read results in row order, read in chunks with READ_AHEAD chunks in flight.
+    """A batch's read results in row order, read in chunks, at most READ_AHEAD chunks ahead.
 
     Iterating waits only for the chunk it is in; leaving the ``with`` block waits for the
-    reads still running (a decode that raised must not leave them behind).
+    reads still running (a decode that raised must not leave them behind). Each object's
+    bytes are handed over, not kept: a batch of 128 phone photos (3 to 6 MB each) would
+    otherwise stay whole in memory until its last image is decoded.
     """
 
     def __init__(self, uris: list[str], storage_options: dict[str, Any]):
@@ -240,9 +244,15 @@ class ReadStream:
         if self.pool is None:
             yield from read_uris(self.spans[0], self.options) if self.spans else ()
             return
-        futures = [self.pool.submit(read_uris, span, self.options) for span in self.spans]
-        for future in futures:
-            yield from future.result()
+        spans = iter(self.spans)
+        pending = deque(self.pool.submit(read_uris, span, self.options) for span in itertools.islice(spans, READ_AHEAD))
+        while pending:
+            chunk = pending.popleft().result()
+            if (span := next(spans, None)) is not None:  # one more read for each chunk taken
+                pending.append(self.pool.submit(read_uris, span, self.options))
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
 
 
 def object_version(info: dict[str, Any]) -> tuple[str | None, datetime | None]:

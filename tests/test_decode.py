@@ -374,3 +374,40 @@ def test_an_object_over_the_byte_limit_is_an_error_row_and_is_not_read(tiny_chec
     tight = td.decode_batch(batch, max_bytes=smallest - 1, **kw)
     assert list(tight["error_type"] == d.TOO_MANY_BYTES) == list((sizes > smallest - 1))
     assert td.decode_batch(batch, max_bytes=None, **kw)["error_type"][1] == "not_found"  # no limit: read
+
+
+def test_a_batch_is_read_at_most_read_ahead_chunks_before_its_decode(tmp_path, monkeypatch):
+    """Reads run READ_AHEAD chunks ahead of the rows taken, no further, and a row's bytes are not
+    kept once taken: a batch of 128 phone photos held all its bytes until its end."""
+    import gc
+    import weakref
+
+    from tasks import storage
+
+    uris = []
+    for i in range(9):
+        (tmp_path / f"{i}.bin").write_bytes(bytes([i]) * 1000)
+        uris.append(str(tmp_path / f"{i}.bin"))
+    monkeypatch.setattr(storage, "READ_CHUNK", 2)  # 5 chunks
+    taken, started, real_read = [0], [], storage.read_uris
+
+    class Data(bytearray):  # bytes that a weak reference can watch (bytes itself cannot have one)
+        pass
+
+    def read(chunk, options):
+        started.append((uris.index(chunk[0]) // 2, taken[0]))  # (chunk, rows taken when its read began)
+        return [Data(d) for d in real_read(chunk, options)]
+
+    monkeypatch.setattr(storage, "read_uris", read)
+    refs = []
+    with storage.ReadStream(uris, {}) as stream:
+        for data in stream:  # not enumerate(): its reused result tuple keeps the last row's bytes
+            assert data == bytes([taken[0]]) * 1000
+            refs.append(weakref.ref(data))
+            del data
+            gc.collect()
+            taken[0] += 1
+            assert all(r() is None for r in refs)  # nothing the stream keeps
+    assert [c for c, _ in sorted(started)] == [0, 1, 2, 3, 4]
+    for chunk, rows_taken in started:  # chunk k waits until chunk k - READ_AHEAD has been taken
+        assert rows_taken >= 2 * (chunk - storage.READ_AHEAD), started
