@@ -46,7 +46,7 @@ def retry_transient(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
     transient = isinstance(exc, BaseException) and storage.is_transient(exc)
     if transient:
-        logger.warning("%s failed with a transient storage error (%s); retrying", task.name, exc)
+        logger.warning("%s failed with a passing storage or network error (%s); retrying", task.name, exc)
     return transient
 
 
