@@ -25,9 +25,14 @@ def read_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
     Why none: the error that reading raised, or :class:`ObjectTooLarge` for a row
     whose listed size is over ``max_bytes``, which is not read.
     """
-    skip = refused(batch, max_bytes)
-    uris = [str(u) for i, u in enumerate(batch["uri"]) if i not in skip]
+    skip, uris = to_read_in(batch, max_bytes)
     return list(in_order(storage.read_uris(uris, storage_options) if uris else [], skip, len(batch["uri"])))
+
+
+def to_read_in(batch: dict[str, np.ndarray], max_bytes: int | None) -> tuple[dict[int, ObjectTooLarge], list[str]]:
+    """(the rows :func:`refused` with their errors, the URIs of the others: those to read)."""
+    skip = refused(batch, max_bytes)
+    return skip, [str(u) for i, u in enumerate(batch["uri"]) if i not in skip]
 
 
 def refused(batch: dict[str, np.ndarray], max_bytes: int | None) -> dict[int, ObjectTooLarge]:
@@ -57,4 +62,3 @@ def read_error_type(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return NOT_FOUND
     return TOO_MANY_BYTES if isinstance(exc, ObjectTooLarge) else READ_ERROR
-

@@ -21,7 +21,7 @@ from deit_model import decode as image_decode
 from deit_model.decode import PREPROCESS_ERROR, TOO_LARGE, device_jpeg_size
 
 from . import storage
-from .batch_reads import in_order, read_error_type, refused
+from .batch_reads import in_order, read_error_type, to_read_in
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def decode_batch(
     uris = [str(u) for u in batch["uri"]]
     errors: list[tuple[str, str] | None] = [None] * len(uris)
     jpeg: dict[int, tuple[bytes, tuple[int, int]]] = {}
-    skip = refused(batch, max_bytes) if datas is None else {}
-    to_read = [u for i, u in enumerate(uris) if i not in skip]
+    skip, to_read = to_read_in(batch, max_bytes) if datas is None else ({}, uris)
     with storage.ReadStream(to_read, storage_options) if datas is None else contextlib.nullcontext(datas) as stream:
         on_cpu = _sort(in_order(stream, skip, len(uris)), errors, jpeg, preprocessor, max_pixels, device_jpeg)
         rows, dense = decode_on_cpu(on_cpu, errors, preprocessor, half, max_pixels, draft_side)
@@ -195,7 +194,6 @@ def resize_overflow(size: tuple[int, int], preprocessor: Preprocessor, max_pixel
         return None
     return (f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels before the crop, "
             f"over the limit of {max_pixels}")
-
 
 
 def _preprocess(images: list, rows: list[int], preprocess, errors: list, shape: tuple, dtype) -> np.ndarray:
